@@ -1,0 +1,1 @@
+"""TensorFlow-side data layer: SeqIO preprocessors, feature converters, vocabularies."""

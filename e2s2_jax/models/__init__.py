@@ -1,0 +1,1 @@
+"""Pure Flax modules: no data, no training code."""
