@@ -1,0 +1,148 @@
+"""Encoder-decoder feature converter (SeqIO) that packs E2S2's second view and noise labels
+aligned with the encoder inputs, and a packing-efficiency measure for benchmarks."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+import seqio
+import tensorflow as tf
+
+FeatureSpec = seqio.FeatureConverter.FeatureSpec
+
+NOISED_VIEW_TASK_FEATURES = ("inputs_noised", "noise_labels")
+NOISED_VIEW_MODEL_FEATURES = ("encoder_input_tokens_noised", "encoder_noise_labels")
+
+
+class E2S2EncDecFeatureConverter(seqio.EncDecFeatureConverter):
+    """seqio.EncDecFeatureConverter plus E2S2's view N, packed in step with the inputs.
+
+    Model features (all int32 [length]): encoder_input_tokens, decoder_input_tokens (targets
+    shifted right, 0 first, restarting in each packed segment), decoder_target_tokens,
+    decoder_loss_weights; with packing also encoder/decoder_segment_ids and _positions; and,
+    when the task has `inputs_noised`, encoder_input_tokens_noised and encoder_noise_labels
+    (pad positions get label 0; mask them with encoder_segment_ids or the tokens).
+
+    `with_noised_view`: True / False, or None (default) to follow the dataset. The lengths of
+    inputs_noised and noise_labels default to that of inputs (they must be equal).
+    """
+
+    def __init__(self, *args, with_noised_view: bool | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._with_noised_view = with_noised_view
+        self._set_noised_view(bool(with_noised_view))
+
+    def _set_noised_view(self, enabled: bool) -> None:
+        task_features = dict(seqio.EncDecFeatureConverter.TASK_FEATURES)
+        model_features = dict(seqio.EncDecFeatureConverter.MODEL_FEATURES)
+        if enabled:
+            task_features.update(
+                {k: FeatureSpec(dtype=tf.int32) for k in NOISED_VIEW_TASK_FEATURES}
+            )
+            model_features.update(
+                {k: FeatureSpec(dtype=tf.int32) for k in NOISED_VIEW_MODEL_FEATURES}
+            )
+        self.TASK_FEATURES = task_features
+        self.MODEL_FEATURES = model_features
+        self._noised_view_enabled = enabled
+
+    def __call__(
+        self, ds: tf.data.Dataset, task_feature_lengths: Mapping[str, int]
+    ) -> tf.data.Dataset:
+        enabled = self._with_noised_view
+        if enabled is None:
+            enabled = "inputs_noised" in ds.element_spec
+        if enabled and "inputs_noised" not in ds.element_spec:
+            raise ValueError(
+                "with_noised_view=True but the dataset has no 'inputs_noised': use an E2S2 task "
+                "(e2s2_views preprocessor) or with_noised_view=False."
+            )
+        self._set_noised_view(enabled)
+        return super().__call__(ds, self._complete_lengths(task_feature_lengths))
+
+    def _complete_lengths(self, task_feature_lengths: Mapping[str, int]) -> dict[str, int]:
+        lengths = dict(task_feature_lengths)
+        if self._noised_view_enabled:
+            for key in NOISED_VIEW_TASK_FEATURES:
+                lengths.setdefault(key, lengths["inputs"])
+                if lengths[key] != lengths["inputs"]:
+                    raise ValueError(
+                        f"task_feature_lengths[{key!r}]={lengths[key]} must equal "
+                        f"task_feature_lengths['inputs']={lengths['inputs']}: the views align."
+                    )
+        else:
+            for key in NOISED_VIEW_TASK_FEATURES:
+                lengths.pop(key, None)
+        return lengths
+
+    def _convert_features(
+        self, ds: tf.data.Dataset, task_feature_lengths: Mapping[str, int]
+    ) -> tf.data.Dataset:
+        if not self._noised_view_enabled:
+            return super()._convert_features(ds, task_feature_lengths)
+
+        # SeqIO's packing finds a sequence's length by counting non-zero entries, and label 0
+        # ("untouched") is common: shift labels to 1..3 while packing, and back afterwards.
+        def shift_labels_up(features):
+            features = dict(features)
+            features["noise_labels"] = features["noise_labels"] + 1
+            return features
+
+        ds = ds.map(shift_labels_up, num_parallel_calls=tf.data.AUTOTUNE)
+        ds = self._pack_or_pad(ds, task_feature_lengths)
+
+        def convert(features):
+            model_features = self._convert_example(features)
+            model_features["encoder_input_tokens_noised"] = features["inputs_noised"]
+            model_features["encoder_noise_labels"] = tf.maximum(features["noise_labels"] - 1, 0)
+            return model_features
+
+        return ds.map(convert, num_parallel_calls=tf.data.AUTOTUNE)
+
+    def get_model_feature_lengths(self, task_feature_lengths: Mapping[str, int]) -> dict[str, int]:
+        lengths = dict(super().get_model_feature_lengths(task_feature_lengths))
+        if self._noised_view_enabled:
+            for key in NOISED_VIEW_MODEL_FEATURES:
+                lengths[key] = task_feature_lengths["inputs"]
+        return lengths
+
+
+def packing_efficiency(
+    batches_or_dataset: tf.data.Dataset | Iterable[Mapping[str, np.ndarray]],
+    max_batches: int | None = None,
+) -> dict[str, float]:
+    """Returns the share of non-pad positions: {'encoder', 'decoder', 'rows', 'examples_per_row'}.
+
+    Takes converted model features (a tf.data.Dataset or an iterable of numpy dicts, batched or
+    not). Non-pad means encoder_input_tokens != 0 / decoder_target_tokens != 0.
+    'examples_per_row' counts packed segments per row when segment ids are present.
+    """
+    if isinstance(batches_or_dataset, tf.data.Dataset):
+        batches_or_dataset = batches_or_dataset.as_numpy_iterator()
+    counts = dict(encoder_tokens=0, encoder_slots=0, decoder_tokens=0, decoder_slots=0)
+    rows = segments = 0
+    for index, batch in enumerate(batches_or_dataset):
+        if max_batches is not None and index >= max_batches:
+            break
+        encoder = np.asarray(batch["encoder_input_tokens"])
+        decoder = np.asarray(batch["decoder_target_tokens"])
+        encoder_2d = encoder.reshape(-1, encoder.shape[-1])
+        counts["encoder_tokens"] += int(np.count_nonzero(encoder))
+        counts["encoder_slots"] += encoder.size
+        counts["decoder_tokens"] += int(np.count_nonzero(decoder))
+        counts["decoder_slots"] += decoder.size
+        rows += encoder_2d.shape[0]
+        if "encoder_segment_ids" in batch:
+            segment_ids = np.asarray(batch["encoder_segment_ids"]).reshape(encoder_2d.shape)
+            segments += int(segment_ids.max(axis=-1).sum())
+        else:
+            segments += int(np.any(encoder_2d != 0, axis=-1).sum())
+    if rows == 0:
+        raise ValueError("packing_efficiency got no batches: the dataset is empty.")
+    return {
+        "encoder": counts["encoder_tokens"] / counts["encoder_slots"],
+        "decoder": counts["decoder_tokens"] / counts["decoder_slots"],
+        "rows": rows,
+        "examples_per_row": segments / rows,
+    }
