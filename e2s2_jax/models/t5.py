@@ -1,0 +1,719 @@
+"""T5 1.1 (and T5 1.0) encoder-decoder as Flax Linen modules with logical axis names.
+
+Shapes are named `[batch, length, embed]` etc.; every parameter carries logical axes (see
+`e2s2_jax.training` for the rules that map them to mesh axes). Parameters are float32;
+activations use `T5Config.dtype`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+Array = jax.Array
+PyTree = Any
+
+# A large negative logit bias for masked attention positions (exp underflows to exactly 0).
+NEG_INF = -1e10
+
+FEED_FORWARD_PROJS = ("gated-gelu", "relu", "gated-relu", "gelu")
+REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
+
+
+@dataclasses.dataclass(frozen=True)
+class T5Config:
+    """Sizes and options of a T5 model. Defaults are T5 1.1 small."""
+
+    vocab_size: int = 32128
+    d_model: int = 512
+    num_heads: int = 6
+    d_kv: int = 64
+    d_ff: int = 1024
+    num_encoder_layers: int = 8
+    num_decoder_layers: int = 8
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    dropout_rate: float = 0.0
+    layer_norm_epsilon: float = 1e-6
+    # "gated-gelu" is T5 1.1 (tanh-approximate GELU, as HF's gelu_new); "relu" is T5 1.0.
+    feed_forward_proj: str = "gated-gelu"
+    # T5 1.0 ties the output projection to the input embedding and scales the decoder output
+    # by d_model**-0.5 before it; T5 1.1 does neither. (HF 5.x can also tie without scaling.)
+    tie_word_embeddings: bool = False
+    scale_decoder_outputs: bool = False
+    dtype: str = "float32"
+    scan_layers: bool = False
+    remat_policy: str = "none"
+    pad_id: int = 0
+    eos_id: int = 1
+    decoder_start_id: int = 0
+
+    def __post_init__(self):
+        if self.feed_forward_proj not in FEED_FORWARD_PROJS:
+            raise ValueError(
+                f"T5Config.feed_forward_proj={self.feed_forward_proj!r} is not supported; "
+                f"use one of {FEED_FORWARD_PROJS}."
+            )
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(
+                f"T5Config.remat_policy={self.remat_policy!r} is not supported; "
+                f"use one of {REMAT_POLICIES}."
+            )
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"T5Config.dtype={self.dtype!r}: use float32 or bfloat16.")
+
+    @property
+    def activation_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.dtype)
+
+    @property
+    def is_gated(self) -> bool:
+        return self.feed_forward_proj.startswith("gated-")
+
+
+def _activation(name: str) -> Callable[[Array], Array]:
+    base = name.split("-")[-1]
+    if base == "gelu":
+        return functools.partial(jax.nn.gelu, approximate=True)
+    return jax.nn.relu
+
+
+def _normal(stddev: float, axes: tuple[str, ...]):
+    return nn.with_logical_partitioning(nn.initializers.normal(stddev), axes)
+
+
+# ----------------------------------------------------------------------------- positions
+
+
+@functools.lru_cache(maxsize=64)
+def relative_position_bucket_table(
+    max_distance_back: int,
+    max_distance_forward: int,
+    bidirectional: bool,
+    num_buckets: int,
+    max_distance: int,
+) -> np.ndarray:
+    """Bucket of every relative position `key - query` in [-back, forward], as int32.
+
+    Index `r + max_distance_back` holds the bucket of relative position `r`. Computed on the
+    host in float32 with T5's rule, so the jitted code only gathers.
+    """
+    relative_position = np.arange(-max_distance_back, max_distance_forward + 1, dtype=np.int64)
+    buckets = np.zeros_like(relative_position)
+    if bidirectional:
+        num_buckets //= 2
+        buckets += (relative_position > 0).astype(np.int64) * num_buckets
+        distance = np.abs(relative_position)
+    else:
+        distance = -np.minimum(relative_position, 0)
+    max_exact = num_buckets // 2
+    is_small = distance < max_exact
+    with np.errstate(divide="ignore"):
+        scaled = (
+            np.log(distance.astype(np.float32) / np.float32(max_exact))
+            / np.float32(np.log(max_distance / max_exact))
+            * np.float32(num_buckets - max_exact)
+        )
+    large = max_exact + np.where(is_small, 0, scaled).astype(np.int64)
+    large = np.minimum(large, num_buckets - 1)
+    buckets += np.where(is_small, distance, large)
+    return buckets.astype(np.int32)
+
+
+class RelativePositionBias(nn.Module):
+    """Learned T5 relative position bias, one per stack: returns `[1, heads, q_len, k_len]`."""
+
+    config: T5Config
+    bidirectional: bool
+
+    @nn.compact
+    def __call__(self, query_positions: Array, k_len: int, max_query_position: int) -> Array:
+        """`query_positions` is `[q_len]` int32 (absolute index of each query)."""
+        cfg = self.config
+        table = relative_position_bucket_table(
+            max_query_position,
+            k_len,
+            self.bidirectional,
+            cfg.relative_attention_num_buckets,
+            cfg.relative_attention_max_distance,
+        )
+        relative = jnp.arange(k_len)[None, :] - query_positions[:, None]
+        buckets = jnp.asarray(table)[relative + max_query_position]
+        embedding = self.param(
+            "rel_embedding",
+            _normal(cfg.d_model**-0.5, ("relpos_buckets", "heads")),
+            (cfg.relative_attention_num_buckets, cfg.num_heads),
+        )
+        bias = jnp.take(embedding, buckets, axis=0)  # [q, k, heads]
+        return jnp.transpose(bias, (2, 0, 1))[None].astype(jnp.float32)
+
+
+def attention_mask_bias(
+    query_valid: Array,
+    key_valid: Array,
+    query_segment_ids: Array | None = None,
+    key_segment_ids: Array | None = None,
+    causal: bool = False,
+) -> Array:
+    """Additive mask `[batch, 1, q_len, k_len]` in float32: 0 where attending, NEG_INF elsewhere.
+
+    Padding masks keys only (as Hugging Face does), so outputs at padded query positions are
+    defined but meaningless; packing (segment ids) keeps attention within a segment.
+    """
+    allowed = jnp.broadcast_to(
+        key_valid[:, None, :], (*key_valid.shape[:1], query_valid.shape[1], key_valid.shape[1])
+    )
+    if query_segment_ids is not None and key_segment_ids is not None:
+        allowed &= query_segment_ids[:, :, None] == key_segment_ids[:, None, :]
+    if causal:
+        q_len, k_len = query_valid.shape[1], key_valid.shape[1]
+        allowed &= jnp.arange(q_len)[:, None] >= jnp.arange(k_len)[None, :]
+    return jnp.where(allowed, 0.0, NEG_INF)[:, None].astype(jnp.float32)
+
+
+# ----------------------------------------------------------------------------- layers
+
+
+class RMSNorm(nn.Module):
+    """T5's layer norm: scale only, no mean subtraction, no bias; computed in float32."""
+
+    config: T5Config
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        scale = self.param(
+            "scale",
+            nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+            (x.shape[-1],),
+        )
+        x32 = x.astype(jnp.float32)
+        variance = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+        normed = x32 * jax.lax.rsqrt(variance + self.config.layer_norm_epsilon)
+        return (scale * normed).astype(self.config.activation_dtype)
+
+
+class MultiHeadAttention(nn.Module):
+    """T5 attention (no 1/sqrt(d) scaling: it is folded into the query init).
+
+    With `decode=True` keys and values are cached: self-attention writes the current step at
+    `decode_position` into a `[batch, cache_length, heads, kv]` cache; cross-attention projects
+    the encoder output once, on the call that creates the cache, and reuses it.
+    """
+
+    config: T5Config
+    is_cross_attention: bool = False
+    decode: bool = False
+    cache_length: int = 0
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(
+        self, inputs_q: Array, inputs_kv: Array, bias: Array, decode_position: Array | None = None
+    ) -> Array:
+        cfg = self.config
+        dense = functools.partial(
+            nn.DenseGeneral,
+            features=(cfg.num_heads, cfg.d_kv),
+            axis=-1,
+            use_bias=False,
+            dtype=cfg.activation_dtype,
+            param_dtype=jnp.float32,
+        )
+        qkv_axes = ("embed", "heads", "kv")
+        query = dense(
+            kernel_init=_normal((cfg.d_model * cfg.d_kv) ** -0.5, qkv_axes), name="query"
+        )(inputs_q)
+        key_proj = dense(kernel_init=_normal(cfg.d_model**-0.5, qkv_axes), name="key")
+        value_proj = dense(kernel_init=_normal(cfg.d_model**-0.5, qkv_axes), name="value")
+
+        if self.decode and self.is_cross_attention:
+            key, value = self._cached_cross_kv(key_proj, value_proj, inputs_kv)
+        else:
+            key, value = key_proj(inputs_kv), value_proj(inputs_kv)
+        if self.decode and not self.is_cross_attention:
+            key, value = self._append_to_cache(key, value, decode_position)
+
+        query = nn.with_logical_constraint(query, ("batch", "length", "heads", "kv"))
+        key = nn.with_logical_constraint(key, ("batch", "length", "heads", "kv"))
+        value = nn.with_logical_constraint(value, ("batch", "length", "heads", "kv"))
+        scores = jnp.einsum("bqhd,bkhd->bhqk", query, key, preferred_element_type=jnp.float32)
+        weights = jax.nn.softmax(scores + bias, axis=-1).astype(cfg.activation_dtype)
+        weights = nn.Dropout(cfg.dropout_rate)(weights, deterministic=self.deterministic)
+        context = jnp.einsum("bhqk,bkhd->bqhd", weights, value)
+        out = nn.DenseGeneral(
+            features=cfg.d_model,
+            axis=(-2, -1),
+            use_bias=False,
+            dtype=cfg.activation_dtype,
+            param_dtype=jnp.float32,
+            kernel_init=_normal((cfg.num_heads * cfg.d_kv) ** -0.5, ("heads", "kv", "embed")),
+            name="out",
+        )(context)
+        return nn.with_logical_constraint(out, ("batch", "length", "embed"))
+
+    def _cached_cross_kv(self, key_proj, value_proj, encoded: Array) -> tuple[Array, Array]:
+        is_initialized = self.has_variable("cache", "cross_key")
+        if not is_initialized:
+            key, value = key_proj(encoded), value_proj(encoded)
+            self.variable("cache", "cross_key", lambda: key)
+            self.variable("cache", "cross_value", lambda: value)
+            return key, value
+        return self.get_variable("cache", "cross_key"), self.get_variable("cache", "cross_value")
+
+    def _append_to_cache(self, key: Array, value: Array, position: Array):
+        """Writes this step's `[batch, 1, heads, kv]` key/value at `position`; returns the cache."""
+        shape = (key.shape[0], self.cache_length, *key.shape[2:])
+        cached_key = self.variable("cache", "cached_key", jnp.zeros, shape, key.dtype)
+        cached_value = self.variable("cache", "cached_value", jnp.zeros, shape, value.dtype)
+        start = (0, position, 0, 0)
+        cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, key, start)
+        cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, value, start)
+        return cached_key.value, cached_value.value
+
+
+class FeedForward(nn.Module):
+    """T5 feed-forward: gated (wi_0, wi_1) for T5 1.1, plain (wi) for T5 1.0."""
+
+    config: T5Config
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        cfg = self.config
+        dense = functools.partial(
+            nn.DenseGeneral, use_bias=False, dtype=cfg.activation_dtype, param_dtype=jnp.float32
+        )
+        in_init = _normal(cfg.d_model**-0.5, ("embed", "mlp"))
+        activation = _activation(cfg.feed_forward_proj)
+        if cfg.is_gated:
+            gate = activation(dense(cfg.d_ff, kernel_init=in_init, name="wi_0")(x))
+            hidden = gate * dense(cfg.d_ff, kernel_init=in_init, name="wi_1")(x)
+        else:
+            hidden = activation(dense(cfg.d_ff, kernel_init=in_init, name="wi")(x))
+        hidden = nn.with_logical_constraint(hidden, ("batch", "length", "mlp"))
+        hidden = nn.Dropout(cfg.dropout_rate)(hidden, deterministic=self.deterministic)
+        out = dense(cfg.d_model, kernel_init=_normal(cfg.d_ff**-0.5, ("mlp", "embed")), name="wo")(
+            hidden
+        )
+        return nn.with_logical_constraint(out, ("batch", "length", "embed"))
+
+
+class EncoderLayer(nn.Module):
+    """Pre-norm self-attention then feed-forward, each with a residual. Scan-compatible."""
+
+    config: T5Config
+    deterministic: bool = True
+    return_layer_output: bool = False
+
+    @nn.compact
+    def __call__(self, x: Array, bias: Array) -> tuple[Array, Array | None]:
+        cfg = self.config
+        dropout = functools.partial(nn.Dropout(cfg.dropout_rate), deterministic=self.deterministic)
+        normed = RMSNorm(cfg, name="pre_attention_norm")(x)
+        x = x + dropout(
+            MultiHeadAttention(cfg, deterministic=self.deterministic, name="attention")(
+                normed, normed, bias
+            )
+        )
+        normed = RMSNorm(cfg, name="pre_mlp_norm")(x)
+        x = x + dropout(FeedForward(cfg, deterministic=self.deterministic, name="mlp")(normed))
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        return x, (x if self.return_layer_output else None)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm causal self-attention, cross-attention, feed-forward. Scan-compatible."""
+
+    config: T5Config
+    deterministic: bool = True
+    decode: bool = False
+    cache_length: int = 0
+
+    @nn.compact
+    def __call__(
+        self,
+        x: Array,
+        encoded: Array,
+        self_bias: Array,
+        cross_bias: Array,
+        decode_position: Array | None,
+    ) -> tuple[Array, None]:
+        cfg = self.config
+        dropout = functools.partial(nn.Dropout(cfg.dropout_rate), deterministic=self.deterministic)
+        attention = functools.partial(
+            MultiHeadAttention,
+            cfg,
+            decode=self.decode,
+            cache_length=self.cache_length,
+            deterministic=self.deterministic,
+        )
+        normed = RMSNorm(cfg, name="pre_self_attention_norm")(x)
+        x = x + dropout(
+            attention(name="self_attention")(normed, normed, self_bias, decode_position)
+        )
+        normed = RMSNorm(cfg, name="pre_cross_attention_norm")(x)
+        x = x + dropout(
+            attention(is_cross_attention=True, name="encoder_decoder_attention")(
+                normed, encoded, cross_bias
+            )
+        )
+        normed = RMSNorm(cfg, name="pre_mlp_norm")(x)
+        x = x + dropout(FeedForward(cfg, deterministic=self.deterministic, name="mlp")(normed))
+        return nn.with_logical_constraint(x, ("batch", "length", "embed")), None
+
+
+def _remat_policy(name: str):
+    return {
+        "full": None,
+        "dots": jax.checkpoint_policies.checkpoint_dots,
+        "dots_with_no_batch_dims": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    }[name]
+
+
+def _stack_layer(layer_cls: type[nn.Module], config: T5Config, num_layers: int, num_args: int):
+    """`layer_cls` wrapped for remat and, when `config.scan_layers`, `nn.scan` over layers."""
+    if config.remat_policy != "none":
+        layer_cls = nn.remat(
+            layer_cls, policy=_remat_policy(config.remat_policy), prevent_cse=not config.scan_layers
+        )
+    if config.scan_layers:
+        layer_cls = nn.scan(
+            layer_cls,
+            variable_axes={"params": 0, "cache": 0},
+            split_rngs={"params": True, "dropout": True},
+            in_axes=(nn.broadcast,) * num_args,
+            length=num_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )
+    return layer_cls
+
+
+# ----------------------------------------------------------------------------- stacks
+
+
+@struct.dataclass
+class EncoderOutputs:
+    """What the encoder hands to heads and fusion layers.
+
+    encoded: `[batch, length, embed]` final output, after the final norm.
+    embedded: `[batch, length, embed]` source token embeddings (before dropout).
+    layer_outputs: `[layers, batch, length, embed]` each layer's output, or None unless asked.
+    mask: `[batch, length]` bool, true at non-pad positions.
+    """
+
+    encoded: Array
+    embedded: Array
+    mask: Array
+    layer_outputs: Array | None = None
+
+
+class Encoder(nn.Module):
+    """T5 encoder stack over a shared token embedding."""
+
+    config: T5Config
+    shared_embedding: nn.Module
+
+    @nn.compact
+    def __call__(
+        self,
+        tokens: Array,
+        segment_ids: Array | None = None,
+        *,
+        deterministic: bool = True,
+        return_layer_outputs: bool = False,
+    ) -> EncoderOutputs:
+        cfg = self.config
+        mask = tokens != cfg.pad_id
+        length = tokens.shape[1]
+        position_bias = RelativePositionBias(cfg, bidirectional=True, name="relpos_bias")(
+            jnp.arange(length), length, length
+        )
+        bias = position_bias + attention_mask_bias(mask, mask, segment_ids, segment_ids)
+        embedded = self.shared_embedding(tokens)
+        x = nn.Dropout(cfg.dropout_rate)(embedded, deterministic=deterministic)
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        layer_kwargs = dict(deterministic=deterministic, return_layer_output=return_layer_outputs)
+        layer_cls = _stack_layer(EncoderLayer, cfg, cfg.num_encoder_layers, num_args=1)
+        if cfg.scan_layers:
+            x, layer_outputs = layer_cls(cfg, **layer_kwargs, name="layers")(x, bias)
+        else:
+            outputs = []
+            for i in range(cfg.num_encoder_layers):
+                x, out = layer_cls(cfg, **layer_kwargs, name=f"layers_{i}")(x, bias)
+                outputs.append(out)
+            layer_outputs = jnp.stack(outputs) if return_layer_outputs else None
+        x = RMSNorm(cfg, name="final_norm")(x)
+        encoded = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+        return EncoderOutputs(
+            encoded=encoded, embedded=embedded, mask=mask, layer_outputs=layer_outputs
+        )
+
+
+class Decoder(nn.Module):
+    """T5 decoder stack; returns the final normed hidden states `[batch, length, embed]`.
+
+    With `decode=True` it runs one step (`tokens` is `[batch, 1]`) at `decode_position`
+    against a cache of `max_decode_length` positions, creating the cache on first use.
+    """
+
+    config: T5Config
+    shared_embedding: nn.Module
+
+    @nn.compact
+    def __call__(
+        self,
+        tokens: Array,
+        encoded: Array,
+        encoder_mask: Array,
+        decoder_valid: Array | None = None,
+        encoder_segment_ids: Array | None = None,
+        decoder_segment_ids: Array | None = None,
+        decode_position: Array | None = None,
+        *,
+        deterministic: bool = True,
+        decode: bool = False,
+        max_decode_length: int = 0,
+    ) -> Array:
+        cfg = self.config
+        batch, length = tokens.shape
+        relpos = RelativePositionBias(cfg, bidirectional=False, name="relpos_bias")
+        if decode:
+            if length != 1 or decode_position is None or max_decode_length < 1:
+                raise ValueError(
+                    "decode=True takes one token per row, decode_position and "
+                    "max_decode_length >= 1."
+                )
+            max_length = max_decode_length
+            self_bias = relpos(jnp.reshape(decode_position, (1,)), max_length, max_length)
+            seen = jnp.arange(max_length) <= decode_position
+            self_bias = self_bias + jnp.where(seen, 0.0, NEG_INF)[None, None, None, :]
+        else:
+            if decoder_valid is None:
+                decoder_valid = jnp.ones((batch, length), bool)
+            self_bias = relpos(jnp.arange(length), length, length) + attention_mask_bias(
+                decoder_valid,
+                decoder_valid,
+                decoder_segment_ids,
+                decoder_segment_ids,
+                causal=True,
+            )
+        cross_bias = attention_mask_bias(
+            jnp.ones((batch, length), bool), encoder_mask, decoder_segment_ids, encoder_segment_ids
+        )
+        x = self.shared_embedding(tokens)
+        x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        layer_cls = _stack_layer(DecoderLayer, cfg, cfg.num_decoder_layers, num_args=4)
+        layer_kwargs = dict(
+            deterministic=deterministic, decode=decode, cache_length=max_decode_length
+        )
+        args = (encoded, self_bias, cross_bias, decode_position)
+        if cfg.scan_layers:
+            x, _ = layer_cls(cfg, **layer_kwargs, name="layers")(x, *args)
+        else:
+            for i in range(cfg.num_decoder_layers):
+                x, _ = layer_cls(cfg, **layer_kwargs, name=f"layers_{i}")(x, *args)
+        x = RMSNorm(cfg, name="final_norm")(x)
+        return nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+
+
+class OutputProjection(nn.Module):
+    """Decoder hidden states `[batch, length, embed]` to logits `[batch, length, vocab]`.
+
+    The default output layer; SurfaceFusion replaces it through `T5.output_layer_factory`.
+    """
+
+    config: T5Config
+
+    @nn.compact
+    def __call__(
+        self,
+        decoder_hidden: Array,
+        encoder_outputs: EncoderOutputs | None,
+        shared_embedding: nn.Embed,
+        deterministic: bool = True,
+    ) -> Array:
+        del encoder_outputs, deterministic  # Used by fusion layers, not by the plain head.
+        cfg = self.config
+        if cfg.scale_decoder_outputs:
+            decoder_hidden = decoder_hidden * cfg.d_model**-0.5
+        if cfg.tie_word_embeddings:
+            logits = shared_embedding.attend(decoder_hidden)
+        else:
+            logits = nn.DenseGeneral(
+                cfg.vocab_size,
+                use_bias=False,
+                dtype=cfg.activation_dtype,
+                param_dtype=jnp.float32,
+                kernel_init=_normal(cfg.d_model**-0.5, ("embed", "vocab")),
+                name="logits_dense",
+            )(decoder_hidden)
+        logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+        return logits.astype(jnp.float32)
+
+
+# A head receives the encoder outputs and returns any pytree (E2S2's heads, probes, ...).
+HeadFactory = Callable[..., nn.Module]
+
+
+class T5(nn.Module):
+    """The encoder-decoder, with pluggable encoder heads and output layer.
+
+    encoder_heads: `(name, factory)` pairs; each factory builds a module called as
+      `head(encoder_outputs, deterministic=...)` whose result appears in
+      `intermediates["heads"][name]`. Heads run in `__call__` only (pretraining).
+    output_layer_factory: builds the module mapping decoder states to logits (or to fused
+      log-probabilities, which decoding treats the same way).
+    """
+
+    config: T5Config
+    encoder_heads: Sequence[tuple[str, HeadFactory]] = ()
+    output_layer_factory: Callable[..., nn.Module] = OutputProjection
+
+    def setup(self):
+        cfg = self.config
+        self.shared_embedding = nn.Embed(
+            cfg.vocab_size,
+            cfg.d_model,
+            dtype=cfg.activation_dtype,
+            param_dtype=jnp.float32,
+            embedding_init=_normal(1.0, ("vocab", "embed")),
+            name="token_embedder",
+        )
+        self.encoder = Encoder(cfg, self.shared_embedding, name="encoder")
+        self.decoder = Decoder(cfg, self.shared_embedding, name="decoder")
+        self.output_layer = self.output_layer_factory(cfg, name="output_layer")
+        self.heads = {
+            name: factory(cfg, name=f"head_{name}") for name, factory in self.encoder_heads
+        }
+
+    def encode(
+        self,
+        encoder_input_tokens: Array,
+        encoder_segment_ids: Array | None = None,
+        *,
+        enable_dropout: bool = False,
+        return_layer_outputs: bool = False,
+    ) -> EncoderOutputs:
+        """Runs the encoder on `[batch, length]` tokens; see `EncoderOutputs`."""
+        return self.encoder(
+            encoder_input_tokens,
+            encoder_segment_ids,
+            deterministic=not enable_dropout,
+            return_layer_outputs=return_layer_outputs,
+        )
+
+    def decode(
+        self,
+        encoder_outputs: EncoderOutputs,
+        decoder_input_tokens: Array,
+        decoder_target_tokens: Array | None = None,
+        encoder_segment_ids: Array | None = None,
+        decoder_segment_ids: Array | None = None,
+        *,
+        enable_dropout: bool = False,
+        decode: bool = False,
+        decode_position: Array | None = None,
+        max_decode_length: int = 0,
+    ) -> Array:
+        """Logits `[batch, target_length, vocab]` (float32).
+
+        Training: decoder positions whose `decoder_target_tokens` are pad are not attended to.
+        Decoding (`decode=True`, `mutable=["cache"]`): one step, `decoder_input_tokens` of
+        `[batch, 1]` at `decode_position`; the first call creates the cache (and projects the
+        encoder output for cross-attention once).
+        """
+        decoder_valid = None
+        if decoder_target_tokens is not None:
+            decoder_valid = decoder_target_tokens != self.config.pad_id
+        hidden = self.decoder(
+            decoder_input_tokens,
+            encoder_outputs.encoded,
+            encoder_outputs.mask,
+            decoder_valid,
+            encoder_segment_ids,
+            decoder_segment_ids,
+            decode_position,
+            deterministic=not enable_dropout,
+            decode=decode,
+            max_decode_length=max_decode_length,
+        )
+        return self.output_layer(
+            hidden, encoder_outputs, self.shared_embedding, deterministic=not enable_dropout
+        )
+
+    def __call__(
+        self,
+        encoder_input_tokens: Array,
+        decoder_input_tokens: Array,
+        decoder_target_tokens: Array | None = None,
+        encoder_segment_ids: Array | None = None,
+        decoder_segment_ids: Array | None = None,
+        *,
+        enable_dropout: bool = False,
+        return_intermediates: bool = False,
+    ) -> Array | tuple[Array, dict[str, Any]]:
+        """Logits `[batch, target_length, vocab]`; with `return_intermediates`, also a dict with
+        `encoder` (EncoderOutputs, layer outputs included) and `heads` (each head's output)."""
+        encoder_outputs = self.encode(
+            encoder_input_tokens,
+            encoder_segment_ids,
+            enable_dropout=enable_dropout,
+            return_layer_outputs=return_intermediates,
+        )
+        head_outputs = {
+            name: head(encoder_outputs, deterministic=not enable_dropout)
+            for name, head in self.heads.items()
+        }
+        logits = self.decode(
+            encoder_outputs,
+            decoder_input_tokens,
+            decoder_target_tokens,
+            encoder_segment_ids,
+            decoder_segment_ids,
+            enable_dropout=enable_dropout,
+        )
+        if not return_intermediates:
+            return logits
+        return logits, {"encoder": encoder_outputs, "heads": head_outputs}
+
+
+# ----------------------------------------------------------------------------- layouts
+
+
+def _layer_keys(stack: dict, prefix: str = "layers_") -> list[str]:
+    return sorted((k for k in stack if k.startswith(prefix)), key=lambda k: int(k[len(prefix) :]))
+
+
+def scan_params(params: PyTree) -> PyTree:
+    """Converts unscanned params (`layers_0`, `layers_1`, ...) to the `nn.scan` layout."""
+    params = dict(params)
+    for stack_name in ("encoder", "decoder"):
+        stack = dict(params[stack_name])
+        keys = _layer_keys(stack)
+        if keys:
+            stack["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *[stack.pop(k) for k in keys])
+        params[stack_name] = stack
+    return params
+
+
+def unscan_params(params: PyTree) -> PyTree:
+    """Converts `nn.scan` params (a leading layer axis under `layers`) to `layers_i`."""
+    params = dict(params)
+    for stack_name in ("encoder", "decoder"):
+        stack = dict(params[stack_name])
+        if "layers" in stack:
+            scanned = stack.pop("layers")
+            num_layers = jax.tree.leaves(scanned)[0].shape[0]
+            for i in range(num_layers):
+                stack[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], scanned)
+        params[stack_name] = stack
+    return params
