@@ -171,3 +171,12 @@ def test_bundled_corpus_through_the_source():
     with gzip.open(BUNDLED_TRAIN_FILES[0], "rt", encoding="utf-8") as f:
         train_lines = set(f)
     assert not train_lines & {line.decode() + "\n" for line in validation}
+
+
+def test_stats_count_a_partial_read(tmp_path):
+    path = write(tmp_path / "docs.txt", b"one\n\ntwo\nthree\n")
+    stats = TextReadStats()
+    documents = read_text_documents(path, stats=stats)
+    assert [next(documents), next(documents)] == ["one", "two"]
+    documents.close()
+    assert (stats.files, stats.documents, stats.blank_lines) == (1, 2, 1)

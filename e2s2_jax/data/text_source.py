@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import itertools
 import logging
 import os
 import threading
@@ -20,6 +21,7 @@ import tensorflow as tf
 log = logging.getLogger(__name__)
 
 OnBadUtf8 = Literal["skip", "fail"]
+_GENERATOR_BATCH = 256
 FilePatterns = str | Sequence[str]
 
 
@@ -112,38 +114,53 @@ def _read_file(
     stats: TextReadStats,
 ) -> Iterator[str]:
     check_not_empty(path)
-    documents = blank = bad = split = 0
+    counts = dict(documents=0, blank_lines=0, bad_utf8_lines=0, split_documents=0)
+    totals = dict(counts)
     first_bad = None
-    with _open_binary(path) as f:
-        # Binary iteration splits on b"\n" only (not on \r, \x0b, \u2028... as text mode would).
-        for line_number, raw_line in enumerate(f, start=1):
-            try:
-                line = raw_line.decode("utf-8")
-            except UnicodeDecodeError as error:
-                if on_bad_utf8 == "fail":
-                    raise ValueError(
-                        f"{path}:{line_number}: line is not UTF-8 ({error.reason} at byte "
-                        f"{error.start}); fix or remove the line, or read with on_bad_utf8='skip'"
-                    ) from error
-                bad += 1
-                first_bad = first_bad or line_number
-                continue
-            if line_number == 1:
-                line = line.removeprefix("\ufeff")  # byte-order mark
-            text = line.strip()
-            if not text:
-                blank += 1
-                continue
-            if max_chars_per_document is not None and len(text) > max_chars_per_document:
-                split += 1
-                pieces = split_long_document(text, max_chars_per_document)
-            else:
-                pieces = [text]
-            documents += len(pieces)
-            yield from pieces
-    stats.add(
-        files=1, documents=documents, blank_lines=blank, bad_utf8_lines=bad, split_documents=split
-    )
+
+    def flush():  # into the shared stats, now and then, so a long read shows progress
+        stats.add(**counts)
+        for name, count in counts.items():
+            totals[name] += count
+            counts[name] = 0
+
+    stats.add(files=1)
+    try:
+        with _open_binary(path) as f:
+            # Binary iteration splits on b"\n" only (not on \r, \x0b, \u2028... as text mode does).
+            for line_number, raw_line in enumerate(f, start=1):
+                if line_number % 10_000 == 0:
+                    flush()
+                try:
+                    line = raw_line.decode("utf-8")
+                except UnicodeDecodeError as error:
+                    if on_bad_utf8 == "fail":
+                        raise ValueError(
+                            f"{path}:{line_number}: line is not UTF-8 ({error.reason} at byte "
+                            f"{error.start}); fix or remove the line, or read with "
+                            "on_bad_utf8='skip'"
+                        ) from error
+                    counts["bad_utf8_lines"] += 1
+                    first_bad = first_bad or line_number
+                    continue
+                if line_number == 1:
+                    line = line.removeprefix("\ufeff")  # byte-order mark
+                text = line.strip()
+                if not text:
+                    counts["blank_lines"] += 1
+                    continue
+                if max_chars_per_document is not None and len(text) > max_chars_per_document:
+                    counts["split_documents"] += 1
+                    pieces = split_long_document(text, max_chars_per_document)
+                else:
+                    pieces = [text]
+                for piece in pieces:
+                    counts["documents"] += 1
+                    yield piece
+    finally:
+        flush()
+    documents, blank = totals["documents"], totals["blank_lines"]
+    bad, split = totals["bad_utf8_lines"], totals["split_documents"]
     if bad:
         log.warning(
             "%s: skipped %d lines that are not UTF-8 (the first is line %d)", path, bad, first_bad
@@ -223,12 +240,12 @@ class TextFilesDataSource(seqio.FileDataSource):
         self._text_key = text_key
 
         def read_file_fn(filename: tf.Tensor) -> tf.data.Dataset:
-            documents = tf.data.Dataset.from_generator(
-                self._generate,
+            batches = tf.data.Dataset.from_generator(
+                self._generate_batches,
                 args=(filename,),
-                output_signature=tf.TensorSpec(shape=(), dtype=tf.string),
+                output_signature=tf.TensorSpec(shape=(None,), dtype=tf.string),
             )
-            return documents.map(lambda text: {text_key: text})
+            return batches.unbatch().map(lambda text: {text_key: text})
 
         super().__init__(
             read_file_fn=read_file_fn,
@@ -236,8 +253,12 @@ class TextFilesDataSource(seqio.FileDataSource):
             num_input_examples=num_input_examples,
         )
 
-    def _generate(self, filename: bytes) -> Iterator[str]:
-        yield from _read_file(filename.decode(), self._on_bad_utf8, self._max_chars, self.stats)
+    def _generate_batches(self, filename: bytes) -> Iterator[list[str]]:
+        # Batches, unbatched in the graph: from_generator costs ~0.2 ms per yield, so one document
+        # per yield would run 6x slower than tf.data.TextLineDataset (measured on the corpus).
+        documents = _read_file(filename.decode(), self._on_bad_utf8, self._max_chars, self.stats)
+        while batch := list(itertools.islice(documents, _GENERATOR_BATCH)):
+            yield batch
 
     def list_shards(self, split: str) -> Sequence[str]:
         if split not in self._split_files:
