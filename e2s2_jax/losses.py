@@ -1,0 +1,144 @@
+"""Pure loss functions: token cross-entropy with z-loss and label smoothing, masked means.
+
+Shapes: `logits` is `[..., vocab]` (float32 is expected), `targets` and `weights` are `[...]`.
+Losses are returned as sums with the matching weight sum, so that callers (gradient
+accumulation, multi-host reductions) can add sums first and normalise once.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+def label_smoothing_constants(
+    vocab_size: int, label_smoothing: float
+) -> tuple[float, float, float]:
+    """`(confidence, low_confidence, normalizing_constant)` of t5x's label smoothing.
+
+    The target distribution puts `confidence = 1 - label_smoothing` on the target token and
+    `low_confidence` on every other token; `normalizing_constant` is that distribution's entropy,
+    subtracted from the cross-entropy so that predicting it exactly costs 0.
+    """
+    confidence = 1.0 - label_smoothing
+    low_confidence = (1.0 - confidence) / (vocab_size - 1)
+    normalizing_constant = -(
+        confidence * jnp.log(confidence)
+        + (vocab_size - 1) * low_confidence * jnp.log(low_confidence + 1e-20)
+    )
+    return confidence, low_confidence, float(normalizing_constant)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _token_cross_entropy(
+    logits: Array, targets: Array, soft_target_values: Array, z_loss: float
+) -> tuple[Array, Array]:
+    """Per-token `(cross_entropy + z_loss_term, z_loss_term)`, both `[...]` float32.
+
+    `soft_target_values` is `[2]`: (on value, off value) of the smoothed one-hot targets. The
+    custom gradient avoids materialising the one-hot target tensor's backward pass.
+    """
+    loss, z_term, _ = _token_cross_entropy_fwd_impl(logits, targets, soft_target_values, z_loss)
+    return loss, z_term
+
+
+def _token_cross_entropy_fwd_impl(logits, targets, soft_target_values, z_loss):
+    log_z = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+    log_softmax = logits - log_z
+    on_value, off_value = soft_target_values[0], soft_target_values[1]
+    target_log_prob = jnp.take_along_axis(log_softmax, targets[..., None], axis=-1)[..., 0]
+    # sum_v soft_target[v] * log_softmax[v], without building the one-hot tensor.
+    expected_log_prob = (on_value - off_value) * target_log_prob + off_value * jnp.sum(
+        log_softmax, axis=-1
+    )
+    log_z = log_z[..., 0]
+    z_term = z_loss * jnp.square(log_z)
+    return -expected_log_prob + z_term, z_term, (log_softmax, log_z)
+
+
+def _token_cross_entropy_fwd(logits, targets, soft_target_values, z_loss):
+    loss, z_term, (log_softmax, log_z) = _token_cross_entropy_fwd_impl(
+        logits, targets, soft_target_values, z_loss
+    )
+    return (loss, z_term), (log_softmax, log_z, targets, soft_target_values)
+
+
+def _token_cross_entropy_bwd(z_loss, residuals, cotangents):
+    log_softmax, log_z, targets, soft_target_values = residuals
+    loss_cotangent, z_cotangent = cotangents
+    softmax = jnp.exp(log_softmax)
+    on_value, off_value = soft_target_values[0], soft_target_values[1]
+    vocab_size = log_softmax.shape[-1]
+    # d(loss)/d(logits) = softmax * sum(soft_targets) - soft_targets + 2 z log_z softmax;
+    # sum(soft_targets) = on + (V - 1) off (1 for label smoothing as configured).
+    target_mass = on_value + (vocab_size - 1) * off_value
+    one_hot = jax.nn.one_hot(targets, vocab_size, dtype=softmax.dtype)
+    soft_targets = off_value + (on_value - off_value) * one_hot
+    z_grad = 2.0 * z_loss * log_z[..., None] * softmax
+    grad = loss_cotangent[..., None] * (softmax * target_mass - soft_targets + z_grad)
+    grad = grad + z_cotangent[..., None] * z_grad
+    return grad, None, None
+
+
+_token_cross_entropy.defvjp(_token_cross_entropy_fwd, _token_cross_entropy_bwd)
+
+
+def cross_entropy_with_logits(
+    logits: Array,
+    targets: Array,
+    weights: Array | None,
+    *,
+    z_loss: float = 0.0,
+    label_smoothing: float = 0.0,
+) -> tuple[Array, Array, Array]:
+    """Weighted token cross-entropy with t5x's semantics.
+
+    Args:
+      logits: `[..., vocab]` unnormalised scores.
+      targets: `[...]` int target ids.
+      weights: `[...]` loss weights (0 at padding), or None for all ones.
+      z_loss: coefficient of the auxiliary `z_loss * log(Z)**2` term (Z the softmax normaliser),
+        which keeps logits from drifting; t5x uses 1e-4.
+      label_smoothing: mass spread uniformly over the non-target tokens.
+
+    Returns:
+      `(loss_sum, z_loss_sum, weight_sum)`, float32 scalars. As in t5x, `loss_sum` includes the
+      z-loss term (`z_loss_sum` is reported separately for logging) and has the entropy of the
+      smoothed targets subtracted, so a perfect prediction of them scores 0.
+    """
+    vocab_size = logits.shape[-1]
+    confidence, low_confidence, normalizing_constant = label_smoothing_constants(
+        vocab_size, label_smoothing
+    )
+    soft_target_values = jnp.asarray([confidence, low_confidence], jnp.float32)
+    token_loss, token_z_loss = _token_cross_entropy(
+        # The float32 cast sits outside the custom gradient so autodiff casts the cotangent back.
+        logits.astype(jnp.float32),
+        targets.astype(jnp.int32),
+        soft_target_values,
+        float(z_loss),
+    )
+    token_loss = token_loss - normalizing_constant
+    if weights is None:
+        weights = jnp.ones(targets.shape, jnp.float32)
+    weights = weights.astype(jnp.float32)
+    return (
+        jnp.sum(token_loss * weights),
+        jnp.sum(token_z_loss * weights),
+        jnp.sum(weights),
+    )
+
+
+def masked_mean(values: Array, mask: Array, axis: int | tuple[int, ...] | None = None) -> Array:
+    """Mean of `values` over the positions where `mask` is nonzero (mask broadcasts to values).
+
+    Returns float32 with `axis` reduced (a scalar for `axis=None`); 0 where the mask is empty.
+    """
+    mask = jnp.broadcast_to(mask, values.shape).astype(jnp.float32)
+    total = jnp.sum(values.astype(jnp.float32) * mask, axis=axis)
+    count = jnp.sum(mask, axis=axis)
+    return jnp.where(count > 0, total / jnp.maximum(count, 1e-20), 0.0)
