@@ -115,6 +115,20 @@ def test_split_documents_keeps_every_token(vocabulary, corpus_tokens):
     np.testing.assert_array_equal(np.concatenate(pieces), corpus_tokens[:2001])
 
 
+def test_split_documents_concatenates_groups_into_full_pieces(vocabulary, corpus_tokens):
+    lengths = [300, 100, 500, 7, 400, 250]
+    bounds = np.cumsum([0] + lengths)
+    documents = [corpus_tokens[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    features = preprocessors.pretraining_output_features(vocabulary)
+    dataset = preprocessors.split_documents(
+        token_dataset(documents), {"inputs": 512, "targets": 114}, features, documents_per_group=4
+    )
+    pieces = [ex["targets"] for ex in dataset.as_numpy_iterator()]
+    # Group 1: 907 tokens -> 568 + 339; group 2: 650 tokens -> 568 + 82.
+    assert [len(p) for p in pieces] == [568, 339, 568, 82]
+    np.testing.assert_array_equal(np.concatenate(pieces), corpus_tokens[: bounds[-1]])
+
+
 def test_span_corruption_statistics(vocabulary):
     """Over 10k examples: density and mean span length within 2%; span lengths follow the
     uniform-composition law of T5's segmentation; spans alternate starting with non-noise."""

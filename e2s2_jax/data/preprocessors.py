@@ -144,13 +144,16 @@ def split_documents(
     mean_noise_span_length: float = 3.0,
     target_mode: str = SPAN_TARGETS,
     max_tokens: int | None = None,
+    documents_per_group: int | None = None,
 ) -> tf.data.Dataset:
-    """Splits each tokenized document into near-equal pieces that fit the objective's lengths.
+    """Splits tokenized documents into pieces that fit the objective's lengths; drops nothing.
 
-    Nothing is dropped: a document of L tokens becomes ceil(L / max_tokens) pieces of
-    ceil-or-floor(L / pieces) tokens. `max_tokens` defaults to `max_document_tokens` of the
-    Task's sequence lengths (SeqIO passes `sequence_length`), or 568 when none is known.
-    Empty documents are removed (they hold nothing to learn). Other features are dropped.
+    documents_per_group=None: a document of L tokens becomes ceil(L / max_tokens) near-equal
+    pieces. documents_per_group=k: k consecutive documents are concatenated (T5's recipe, no
+    separator) and cut into max_tokens pieces, the group's remainder a shorter last piece, so
+    examples come out full. `max_tokens` defaults to `max_document_tokens` of the Task's
+    sequence lengths (SeqIO passes `sequence_length`), or 568 when none is known. Empty
+    documents are removed; other features are dropped.
     Returns a dataset of {feature_key: int32 [piece_length]}.
     """
     if max_tokens is None:
@@ -179,8 +182,33 @@ def split_documents(
         piece_lengths = base + tf.cast(tf.range(num_pieces) < remainder, tf.int32)
         return {feature_key: tf.RaggedTensor.from_row_lengths(tokens, piece_lengths)}
 
+    def cut_group_into_pieces(features):
+        tokens = features[feature_key].flat_values
+        length = tf.size(tokens)
+        num_full = length // max_tokens
+        remainder = length - num_full * max_tokens
+        piece_lengths = tf.concat(
+            [
+                tf.fill([num_full], max_tokens),
+                tf.reshape(remainder, [1])[: tf.minimum(remainder, 1)],
+            ],
+            axis=0,
+        )
+        return {feature_key: tf.RaggedTensor.from_row_lengths(tokens, piece_lengths)}
+
+    dataset = dataset.map(
+        lambda features: {feature_key: tf.cast(features[feature_key], tf.int32)},
+        num_parallel_calls=tf.data.AUTOTUNE,
+    )
     dataset = dataset.filter(lambda features: tf.size(features[feature_key]) > 0)
-    return dataset.map(split_into_pieces, num_parallel_calls=tf.data.AUTOTUNE).unbatch()
+    if documents_per_group is None:
+        return dataset.map(split_into_pieces, num_parallel_calls=tf.data.AUTOTUNE).unbatch()
+    if documents_per_group < 1:
+        raise ValueError(
+            f"documents_per_group must be positive or None, got {documents_per_group}."
+        )
+    dataset = dataset.ragged_batch(documents_per_group)
+    return dataset.map(cut_group_into_pieces, num_parallel_calls=tf.data.AUTOTUNE).unbatch()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -564,28 +592,38 @@ def pretraining_output_features(
     return features
 
 
+OBJECTIVES = {
+    "span_corruption": (span_corruption, SPAN_TARGETS),
+    "full_reconstruction": (span_corruption, FULL_RECONSTRUCTION),
+    "e2s2": (e2s2_views, SPAN_TARGETS),
+    "e2s2_full_reconstruction": (e2s2_views, FULL_RECONSTRUCTION),
+}
+
+
+def objective_has_noised_view(objective: str) -> bool:
+    """Returns True for the objectives whose examples carry inputs_noised and noise_labels."""
+    return objective in OBJECTIVES and OBJECTIVES[objective][0] is e2s2_views
+
+
 def pretraining_preprocessors(
     objective: str,
     *,
     text_key: str = "text",
     noise_density: float = 0.15,
     mean_noise_span_length: float = 3.0,
+    documents_per_group: int | None = 128,
     **objective_options,
 ) -> list:
     """Returns the Task preprocessors: rekey text -> tokenize -> split -> objective -> eos.
 
-    objective: 'span_corruption', 'full_reconstruction', 'e2s2' or 'e2s2_full_reconstruction'.
+    objective: one of OBJECTIVES ('span_corruption', 'full_reconstruction', 'e2s2',
+    'e2s2_full_reconstruction'). documents_per_group: see split_documents (128 concatenates
+    documents as T5 does, so examples are full; None keeps documents apart for packing).
     Extra keyword options go to the objective's preprocessor (e2s2: shuffle/replace ratios).
     """
-    objectives = {
-        "span_corruption": (span_corruption, SPAN_TARGETS),
-        "full_reconstruction": (span_corruption, FULL_RECONSTRUCTION),
-        "e2s2": (e2s2_views, SPAN_TARGETS),
-        "e2s2_full_reconstruction": (e2s2_views, FULL_RECONSTRUCTION),
-    }
-    if objective not in objectives:
-        raise ValueError(f"objective={objective!r} is not one of {sorted(objectives)}.")
-    objective_fn, target_mode = objectives[objective]
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective={objective!r} is not one of {sorted(OBJECTIVES)}.")
+    objective_fn, target_mode = OBJECTIVES[objective]
     noise_options = dict(
         noise_density=noise_density,
         mean_noise_span_length=mean_noise_span_length,
@@ -594,7 +632,9 @@ def pretraining_preprocessors(
     return [
         functools.partial(seqio.preprocessors.rekey, key_map={"targets": text_key}),
         seqio.preprocessors.tokenize,
-        functools.partial(split_documents, **noise_options),
+        functools.partial(
+            split_documents, documents_per_group=documents_per_group, **noise_options
+        ),
         functools.partial(objective_fn, **noise_options, **objective_options),
         seqio.preprocessors.append_eos_after_trim,
     ]

@@ -1,0 +1,36 @@
+"""SeqIO registrations: importing `tasks` registers the bundled-corpus and C4 tasks and mixtures.
+
+Other code registers its own with register_text_task / register_tfds_task / register_ssr_task /
+register_mixture; registering a name twice replaces the first registration.
+"""
+
+from __future__ import annotations
+
+from tasks.bundled import (
+    BUNDLED_MIXTURES,
+    BUNDLED_TASKS,
+    register_bundled_tasks,
+    try_register_bundled_tasks,
+)
+from tasks.c4 import C4_TASKS, register_c4_tasks
+from tasks.registration import (
+    register_mixture,
+    register_ssr_task,
+    register_text_task,
+    register_tfds_task,
+)
+
+__all__ = [
+    "BUNDLED_MIXTURES",
+    "BUNDLED_TASKS",
+    "C4_TASKS",
+    "register_bundled_tasks",
+    "register_c4_tasks",
+    "register_mixture",
+    "register_ssr_task",
+    "register_text_task",
+    "register_tfds_task",
+]
+
+try_register_bundled_tasks()
+register_c4_tasks()
