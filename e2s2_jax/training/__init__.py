@@ -1,0 +1,1 @@
+"""Training: mesh and partitioning rules, optimizers, train state and the jitted train step."""

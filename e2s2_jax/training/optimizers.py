@@ -1,0 +1,104 @@
+"""Optimizers (optax) and learning-rate schedules for T5 pretraining.
+
+- `adafactor`: t5x's T5 1.1 recipe (decay 0.8, update clipping 1.0, factored second moments,
+  parameter-scale-relative steps, no momentum), usually with `rsqrt_schedule`.
+- `adamw_rms_scaled`: nanoT5's AdamW whose step for each parameter is scaled by that
+  parameter's RMS (as Adafactor does), which converges where plain AdamW diverges on T5.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax.numpy as jnp
+import optax
+
+Schedule = Callable[[int], float]
+
+
+def rsqrt_schedule(base_learning_rate: float = 1.0, warmup_steps: int = 10_000) -> optax.Schedule:
+    """t5x's `rsqrt_decay`: `lr(step) = base / sqrt(max(step, warmup_steps))`.
+
+    Constant at `base / sqrt(warmup_steps)` (0.01 for t5x's 10k) during warm-up, then decays as
+    the inverse square root of the step. Returns a float32 scalar per step.
+    """
+    if warmup_steps < 1:
+        raise ValueError(f"warmup_steps={warmup_steps} must be at least 1.")
+
+    def schedule(step):
+        step = jnp.asarray(step, jnp.float32)
+        return base_learning_rate * jnp.reciprocal(jnp.sqrt(jnp.maximum(step, warmup_steps)))
+
+    return schedule
+
+
+def adafactor(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    decay_rate: float = 0.8,
+    clipping_threshold: float | None = 1.0,
+    min_dim_size_to_factor: int = 128,
+    multiply_by_parameter_scale: bool = True,
+    weight_decay_rate: float | None = None,
+) -> optax.GradientTransformation:
+    """Adafactor with t5x's T5 1.1 defaults (epsilon1 1e-30, epsilon2 / min scale 1e-3).
+
+    Second moments of matrices with both dimensions at least `min_dim_size_to_factor` are
+    factored into row and column statistics; there is no first moment.
+    """
+    return optax.adafactor(
+        learning_rate=learning_rate,
+        min_dim_size_to_factor=min_dim_size_to_factor,
+        decay_rate=decay_rate,
+        decay_offset=0,
+        multiply_by_parameter_scale=multiply_by_parameter_scale,
+        clipping_threshold=clipping_threshold,
+        momentum=None,
+        weight_decay_rate=weight_decay_rate,
+        eps=1e-30,
+        factored=True,
+    )
+
+
+def adamw_rms_scaled(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    min_rms_scale: float = 1e-3,
+) -> optax.GradientTransformation:
+    """AdamW whose update of each parameter is scaled by `max(min_rms_scale, RMS(param))`.
+
+    Update: `-lr * (adam_direction * max(1e-3, rms(param)) + weight_decay * param)`, with
+    bias-corrected Adam moments; the weight decay is decoupled and not RMS-scaled (nanoT5).
+    """
+    return optax.chain(
+        optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
+        optax.scale_by_param_block_rms(min_scale=min_rms_scale),
+        optax.add_decayed_weights(weight_decay),
+        optax.scale_by_learning_rate(learning_rate),
+    )
+
+
+OPTIMIZERS = {"adafactor": adafactor, "adamw_rms_scaled": adamw_rms_scaled}
+
+
+def make_optimizer(
+    name: str,
+    learning_rate_schedule: optax.ScalarOrSchedule,
+    *,
+    gradient_clip_norm: float | None = None,
+    **kwargs,
+) -> optax.GradientTransformation:
+    """The optimizer `name` (one of `OPTIMIZERS`), optionally after global-norm clipping.
+
+    `kwargs` go to the optimizer's function (e.g. `decay_rate`, `weight_decay`).
+    """
+    if name not in OPTIMIZERS:
+        raise ValueError(f"Unknown optimizer {name!r}; use one of {sorted(OPTIMIZERS)}.")
+    optimizer = OPTIMIZERS[name](learning_rate_schedule, **kwargs)
+    if gradient_clip_norm is not None:
+        optimizer = optax.chain(optax.clip_by_global_norm(gradient_clip_norm), optimizer)
+    return optimizer

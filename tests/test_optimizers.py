@@ -1,0 +1,81 @@
+"""Schedules and optimizers against closed forms and NumPy references."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from e2s2_jax.training.optimizers import make_optimizer, rsqrt_schedule
+
+
+def test_rsqrt_schedule_closed_form():
+    schedule = rsqrt_schedule(base_learning_rate=1.0, warmup_steps=100)
+    for step in [0, 1, 50, 100, 101, 400, 10_000]:
+        expected = 1.0 / np.sqrt(max(step, 100))
+        np.testing.assert_allclose(float(schedule(step)), expected, rtol=1e-6)
+    np.testing.assert_allclose(float(rsqrt_schedule(2.0, 10_000)(0)), 0.02, rtol=1e-6)
+    with pytest.raises(ValueError):
+        rsqrt_schedule(1.0, 0)
+
+
+def _random_params(seed):
+    rng = np.random.default_rng(seed)
+    return {
+        "big": rng.normal(size=(6, 5)).astype(np.float32) * 0.5,
+        "tiny": rng.normal(size=(4,)).astype(np.float32) * 1e-5,  # RMS below the 1e-3 floor.
+    }
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.01])
+def test_adamw_rms_scaled_one_step_matches_numpy(weight_decay):
+    params = _random_params(0)
+    grads = jax.tree.map(lambda p: np.random.default_rng(1).normal(size=p.shape), params)
+    lr, b1, b2, eps = 0.02, 0.9, 0.999, 1e-8
+    optimizer = make_optimizer(
+        "adamw_rms_scaled", lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay
+    )
+    state = optimizer.init(jax.tree.map(jnp.asarray, params))
+    updates, _ = optimizer.update(
+        jax.tree.map(lambda g: jnp.asarray(g, jnp.float32), grads),
+        state,
+        jax.tree.map(jnp.asarray, params),
+    )
+    for name, param in params.items():
+        g = grads[name].astype(np.float64)
+        p = param.astype(np.float64)
+        m_hat = ((1 - b1) * g) / (1 - b1)
+        v_hat = ((1 - b2) * g**2) / (1 - b2)
+        direction = m_hat / (np.sqrt(v_hat) + eps)
+        scale = max(1e-3, np.sqrt(np.mean(p**2)))
+        expected = -lr * (direction * scale + weight_decay * p)
+        np.testing.assert_allclose(np.asarray(updates[name]), expected, rtol=1e-5, atol=1e-9)
+
+
+def test_adafactor_t5x_defaults_factor_and_clip():
+    params = {"matrix": jnp.ones((256, 128)), "vector": jnp.ones((128,))}
+    optimizer = make_optimizer("adafactor", rsqrt_schedule(1.0, 10_000))
+    state = optimizer.init(params)
+    factored = [s for s in jax.tree.leaves(state) if getattr(s, "shape", None) in ((256,), (128,))]
+    assert factored, "the 256x128 matrix's second moment should be factored into row/col stats"
+    grads = {"matrix": jnp.full((256, 128), 5.0), "vector": jnp.full((128,), 5.0)}
+    updates, _ = optimizer.update(grads, state, params)
+    # Update clipping at RMS 1, times parameter scale 1, times lr 0.01 during warm-up.
+    for update in jax.tree.leaves(updates):
+        np.testing.assert_allclose(np.sqrt(np.mean(np.square(update))), 0.01, rtol=1e-4)
+
+
+def test_gradient_clipping_rescales_to_the_global_norm():
+    params = {"a": jnp.ones((3,)), "b": jnp.full((2,), 2.0)}
+    grads = {"a": jnp.asarray([3.0, 0.0, 0.0]), "b": jnp.asarray([0.0, 4.0])}  # norm 5
+    # A large eps makes Adam's step depend on the gradient's scale, so clipping shows.
+    clipped_optimizer = make_optimizer("adamw_rms_scaled", 0.1, gradient_clip_norm=1.0, eps=1.0)
+    plain_optimizer = make_optimizer("adamw_rms_scaled", 0.1, eps=1.0)
+    got, _ = clipped_optimizer.update(grads, clipped_optimizer.init(params), params)
+    scaled_grads = jax.tree.map(lambda g: g / 5.0, grads)
+    want, _ = plain_optimizer.update(scaled_grads, plain_optimizer.init(params), params)
+    unclipped, _ = plain_optimizer.update(grads, plain_optimizer.init(params), params)
+    for name in params:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-6)
+    assert not np.allclose(got["b"], unclipped["b"])
+    with pytest.raises(ValueError, match="Unknown optimizer"):
+        make_optimizer("sgd", 1.0)
