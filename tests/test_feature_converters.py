@@ -145,3 +145,13 @@ def test_packing_efficiency_counts_non_pad_positions():
     assert efficiency["decoder"] == pytest.approx(target_tokens / (rows * LENGTHS["targets"]))
     assert efficiency["examples_per_row"] == pytest.approx(len(examples) / rows)
     assert efficiency == packing_efficiency(converter(to_dataset(examples), LENGTHS).batch(4))
+
+
+def test_model_feature_lengths_name_the_second_view():
+    lengths = E2S2EncDecFeatureConverter(
+        pack=True, with_noised_view=True
+    ).get_model_feature_lengths(LENGTHS)
+    assert set(lengths) == MODEL_FEATURES | NOISED_FEATURES
+    assert lengths["encoder_input_tokens_noised"] == lengths["encoder_noise_labels"] == 64
+    plain = E2S2EncDecFeatureConverter(pack=True).get_model_feature_lengths(LENGTHS)
+    assert set(plain) == MODEL_FEATURES

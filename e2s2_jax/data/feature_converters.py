@@ -110,7 +110,9 @@ class E2S2EncDecFeatureConverter(seqio.EncDecFeatureConverter):
 
     def get_model_feature_lengths(self, task_feature_lengths: Mapping[str, int]) -> dict[str, int]:
         lengths = dict(super().get_model_feature_lengths(task_feature_lengths))
-        if self._noised_view_enabled:
+        # Callers that ask for shapes before converting a dataset (a trainer building its input
+        # specs) get the second view when they name it or construct with with_noised_view=True.
+        if self._noised_view_enabled or "inputs_noised" in task_feature_lengths:
             for key in NOISED_VIEW_MODEL_FEATURES:
                 lengths[key] = task_feature_lengths["inputs"]
         return lengths
