@@ -113,9 +113,7 @@ def main() -> None:
         results[chain]["rounds_input_tokens_per_s"] = [
             round(m["input_tokens_per_s"]) for m in measured
         ]
-    e2s2_vs_span = (
-        results["e2s2"]["examples_per_s"] / results["span_corruption"]["examples_per_s"]
-    )
+    e2s2_vs_span = results["e2s2"]["examples_per_s"] / results["span_corruption"]["examples_per_s"]
     print(
         json.dumps(
             {
