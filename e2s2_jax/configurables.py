@@ -2,7 +2,6 @@
 that models, losses and training import without gin-config."""
 
 import gin
-
 from e2s2_jax import decoding
 from e2s2_jax.models import t5
 

@@ -330,4 +330,8 @@ def predict_batch(
 @functools.lru_cache(maxsize=32)
 def make_predict_fn(model: T5, decode_config: DecodeConfig) -> Callable[..., DecodeResult]:
     """A jitted `(params, encoder_input_tokens, rng=None) -> DecodeResult`."""
-    return jax.jit(functools.partial(predict_batch, model, decode_config=decode_config))
+
+    def predict(params, encoder_input_tokens, rng=None):
+        return predict_batch(model, params, encoder_input_tokens, decode_config, rng)
+
+    return jax.jit(predict)

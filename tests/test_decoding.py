@@ -1,0 +1,172 @@
+"""Decoding: the KV cache against full re-decoding, and the sampling filters against NumPy."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from e2s2_jax.decoding import DecodeConfig, _filter_logits, make_predict_fn, sample_or_greedy
+from e2s2_jax.models.t5 import T5, T5Config
+
+TINY = T5Config(
+    vocab_size=50,
+    d_model=32,
+    num_heads=4,
+    d_kv=8,
+    d_ff=64,
+    num_encoder_layers=2,
+    num_decoder_layers=2,
+    relative_attention_num_buckets=8,
+    relative_attention_max_distance=12,
+)
+
+
+def _setup(scan: bool, seed: int = 0):
+    config = T5Config(**{**TINY.__dict__, "scan_layers": scan})
+    encoder_tokens = np.random.RandomState(seed).randint(2, 50, (3, 11)).astype(np.int32)
+    encoder_tokens[1, 6:] = 0
+    model = T5(config)
+    params = nn.unbox(
+        model.init(jax.random.PRNGKey(seed), encoder_tokens, encoder_tokens[:, :4])["params"]
+    )
+    return model, params, jnp.asarray(encoder_tokens)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_cached_step_logits_equal_full_decoder_logits(scan):
+    """Teacher-forced: each cached step's logits equal the full decoder pass at that position."""
+    model, params, encoder_tokens = _setup(scan)
+    length = 16  # Longer than max_distance, so far-away buckets are used.
+    decoder_tokens = jnp.asarray(np.random.RandomState(1).randint(2, 50, (3, length)), jnp.int32)
+    decoder_tokens = decoder_tokens.at[:, 0].set(0)
+    full = model.apply({"params": params}, encoder_tokens, decoder_tokens)
+
+    encoder_outputs = model.apply({"params": params}, encoder_tokens, method=T5.encode)
+
+    @jax.jit
+    def step(cache, tokens, position):
+        variables = {"params": params, **({"cache": cache} if cache is not None else {})}
+        logits, updated = model.apply(
+            variables,
+            encoder_outputs,
+            tokens[:, None],
+            decode=True,
+            decode_position=position,
+            max_decode_length=length,
+            mutable=["cache"],
+            method=T5.decode,
+        )
+        return logits[:, 0], updated["cache"]
+
+    _, cache = jax.jit(lambda t, p: step(None, t, p))(decoder_tokens[:, 0], jnp.int32(0))
+    for position in range(length):
+        logits, cache = step(cache, decoder_tokens[:, position], jnp.int32(position))
+        np.testing.assert_allclose(logits, full[:, position], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_cached_greedy_equals_uncached_greedy(scan):
+    model, params, encoder_tokens = _setup(scan, seed=2)
+    length = 9
+    result = make_predict_fn(model, DecodeConfig("greedy", max_decode_length=length))(
+        params, encoder_tokens
+    )
+    decoder = jnp.zeros((3, 1), jnp.int32)
+    apply = jax.jit(model.apply)
+    reference, log_probs = [], []
+    for _ in range(length):
+        logits = apply({"params": params}, encoder_tokens, decoder)[:, -1]
+        next_token = jnp.argmax(logits, -1)
+        reference.append(next_token)
+        log_probs.append(
+            jnp.take_along_axis(jax.nn.log_softmax(logits), next_token[:, None], -1)[:, 0]
+        )
+        decoder = jnp.concatenate([decoder, next_token[:, None]], 1)
+    reference, log_probs = np.stack(reference, 1), np.stack(log_probs, 1)
+    ended = np.cumsum(np.cumsum(reference == 1, 1), 1) > 1  # After the first eos.
+    np.testing.assert_array_equal(result.tokens, np.where(ended, 0, reference))
+    np.testing.assert_allclose(result.scores, np.where(ended, 0, log_probs).sum(1), rtol=1e-5)
+
+
+def test_beam_search_best_beam_is_at_least_as_good_as_greedy():
+    model, params, encoder_tokens = _setup(False, seed=3)
+    greedy = make_predict_fn(model, DecodeConfig("greedy", max_decode_length=8))(
+        params, encoder_tokens
+    )
+    beam = make_predict_fn(
+        model,
+        DecodeConfig(
+            "beam", max_decode_length=8, num_beams=4, length_penalty=0.0, stop_bound="max_length"
+        ),
+    )(params, encoder_tokens)
+    assert beam.tokens.shape == (3, 4, 8)
+    assert np.all(np.diff(np.asarray(beam.scores), axis=1) <= 0)  # Best first.
+    # With no length penalty a beam score is a sum of log-probs: exact search beats greedy.
+    assert np.all(np.asarray(beam.scores[:, 0]) >= np.asarray(greedy.scores) - 1e-5)
+
+
+def _numpy_filter(logits, temperature, top_k, top_p):
+    """Reference: the set of token ids that may be sampled, row by row."""
+    allowed = []
+    for row in logits / temperature:
+        order = np.argsort(-row, kind="stable")
+        keep = order[:top_k] if top_k else order
+        probs = np.exp(row[keep] - row[keep].max())
+        probs /= probs.sum()
+        mass_before = np.cumsum(probs) - probs
+        allowed.append(set(keep[mass_before < top_p].tolist()))
+    return allowed
+
+
+@pytest.mark.parametrize(
+    "temperature,top_k,top_p", [(1.0, 0, 0.9), (0.7, 5, 1.0), (1.3, 8, 0.5), (1.0, 0, 0.01)]
+)
+def test_filter_keeps_exactly_the_reference_support(temperature, top_k, top_p):
+    logits = np.random.RandomState(0).randn(16, 40).astype(np.float32) * 2
+    filtered = np.asarray(_filter_logits(jnp.asarray(logits), temperature, top_k, top_p))
+    for row, allowed in zip(filtered, _numpy_filter(logits, temperature, top_k, top_p)):
+        assert set(np.flatnonzero(row > -1e8).tolist()) == allowed
+
+
+def test_sampling_frequencies_follow_the_filtered_distribution():
+    logits = jnp.log(jnp.array([0.5, 0.3, 0.15, 0.05]))
+
+    def tokens_to_logits(tokens, cache, step):
+        return jnp.broadcast_to(logits, (tokens.shape[0], 4)), cache
+
+    draws = 20000
+    result = jax.jit(
+        lambda rng: sample_or_greedy(
+            tokens_to_logits, None, draws, 1, rng=rng, eos_id=99, top_p=0.75
+        )
+    )(jax.random.PRNGKey(0))
+    frequencies = np.bincount(np.asarray(result.tokens[:, 0]), minlength=4) / draws
+    # top_p=0.75 keeps {0, 1} (0.5 + 0.3 >= 0.75), renormalised to 0.625 / 0.375.
+    np.testing.assert_allclose(frequencies, [0.625, 0.375, 0, 0], atol=0.015)
+    np.testing.assert_allclose(
+        result.token_log_probs[:, 0], np.log([0.5, 0.3, 0.15, 0.05])[result.tokens[:, 0]], rtol=1e-5
+    )
+
+
+def test_sampling_is_deterministic_per_rng_and_top_k_1_is_greedy():
+    model, params, encoder_tokens = _setup(False, seed=4)
+    sample = make_predict_fn(model, DecodeConfig("sample", max_decode_length=6, temperature=1.5))
+    first = sample(params, encoder_tokens, jax.random.PRNGKey(7))
+    np.testing.assert_array_equal(
+        first.tokens, sample(params, encoder_tokens, jax.random.PRNGKey(7)).tokens
+    )
+    greedy = make_predict_fn(model, DecodeConfig("greedy", max_decode_length=6))(
+        params, encoder_tokens
+    )
+    top1 = make_predict_fn(model, DecodeConfig("sample", max_decode_length=6, top_k=1))(
+        params, encoder_tokens, jax.random.PRNGKey(3)
+    )
+    np.testing.assert_array_equal(top1.tokens, greedy.tokens)
+
+
+def test_bad_decode_config_is_rejected():
+    with pytest.raises(ValueError, match="method"):
+        DecodeConfig("nucleus")
+    with pytest.raises(ValueError, match="temperature"):
+        DecodeConfig("sample", temperature=0.0)
