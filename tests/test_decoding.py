@@ -125,7 +125,8 @@ def _numpy_filter(logits, temperature, top_k, top_p):
 def test_filter_keeps_exactly_the_reference_support(temperature, top_k, top_p):
     logits = np.random.RandomState(0).randn(16, 40).astype(np.float32) * 2
     filtered = np.asarray(_filter_logits(jnp.asarray(logits), temperature, top_k, top_p))
-    for row, allowed in zip(filtered, _numpy_filter(logits, temperature, top_k, top_p)):
+    reference = _numpy_filter(logits, temperature, top_k, top_p)
+    for row, allowed in zip(filtered, reference, strict=True):
         assert set(np.flatnonzero(row > -1e8).tolist()) == allowed
 
 
