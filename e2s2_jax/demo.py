@@ -20,7 +20,6 @@ import numpy as np  # noqa: E402
 import seqio  # noqa: E402
 
 import tasks  # noqa: E402,F401  (registers the bundled tasks)
-from e2s2_jax import losses  # noqa: E402
 from e2s2_jax.data.feature_converters import E2S2EncDecFeatureConverter  # noqa: E402
 from e2s2_jax.decoding import DecodeConfig, make_predict_fn  # noqa: E402
 from e2s2_jax.models.t5 import T5, T5Config  # noqa: E402
