@@ -8,6 +8,7 @@ accumulation, multi-host reductions) can add sums first and normalise once.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -26,11 +27,12 @@ def label_smoothing_constants(
     """
     confidence = 1.0 - label_smoothing
     low_confidence = (1.0 - confidence) / (vocab_size - 1)
+    # Python floats: these are trace-time constants, also inside jit.
     normalizing_constant = -(
-        confidence * jnp.log(confidence)
-        + (vocab_size - 1) * low_confidence * jnp.log(low_confidence + 1e-20)
+        confidence * math.log(confidence)
+        + (vocab_size - 1) * low_confidence * math.log(low_confidence + 1e-20)
     )
-    return confidence, low_confidence, float(normalizing_constant)
+    return confidence, low_confidence, normalizing_constant
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
