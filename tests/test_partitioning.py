@@ -145,6 +145,25 @@ def _worker_shardings() -> dict:
                 for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(reference), strict=True)
             )
 
+    # Scanned layers: the stacked 'layers' axis stays whole (lax.scan walks it), the rest
+    # follows the same rules. Shapes only: no compilation.
+    from dataclasses import replace
+
+    from e2s2_jax.training.train_state import train_state_shardings
+
+    scanned = T5(replace(config, scan_layers=True))
+    _, scanned_shardings = train_state_shardings(
+        scanned, optimizers.make_optimizer("adamw_rms_scaled", 0.01), mesh
+    )
+    mlp = scanned_shardings.params["encoder"]["layers"]["mlp"]
+    report["scanned_wi_0"] = [str(entry) for entry in mlp["wi_0"]["kernel"].spec]
+    report["scanned_adam_mu_wo"] = [
+        str(entry)
+        for entry in scanned_shardings.opt_state[0]
+        .mu["encoder"]["layers"]["mlp"]["wo"]["kernel"]
+        .spec
+    ]
+
     batch_mesh = partitioning.create_mesh(2, 2, 2)
     batch = {"encoder_input_tokens": np.zeros((8, 4), np.int32)}
     global_batch = partitioning.make_global_batch(batch, batch_mesh)
@@ -218,6 +237,12 @@ def test_vocab_and_mlp_params_are_split_over_model(report):
     # 2 heads cannot be split 8 ways: replicated rather than refused.
     query = params["['encoder']['layers_0']['attention']['query']['kernel']"]
     assert query["local"] == query["global"]
+
+
+def test_scanned_layer_axis_is_not_split(report):
+    # [layers, embed, mlp] and [layers, mlp, embed]; fsdp has size 1 on the 1x1x8 mesh.
+    assert report["scanned_wi_0"] == ["None", "fsdp", "model"]
+    assert report["scanned_adam_mu_wo"] == ["None", "model", "fsdp"]
 
 
 def test_sharded_init_equals_unsharded_init(report):
