@@ -58,6 +58,29 @@ def test_fit_spec_replicates_dimensions_the_mesh_does_not_divide():
     assert partitioning._fit_spec(batch_spec, (6, 5), mesh) == PartitionSpec(None, None)
 
 
+def test_optimizer_state_follows_its_parameter():
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding
+
+    mesh = jax.sharding.AbstractMesh((1, 2, 4), ("data", "fsdp", "model"))
+    params = {"dense": {"kernel": jax.ShapeDtypeStruct((8, 12), jnp.float32)}}
+    spec = PartitionSpec("fsdp", "model")
+    param_shardings = {"dense": {"kernel": NamedSharding(mesh, spec)}}
+    opt_state = {
+        "count": jax.ShapeDtypeStruct((), jnp.int32),
+        "moments": {"dense": {"kernel": jax.ShapeDtypeStruct((8, 12), jnp.float32)}},
+        "rows": {"dense": {"kernel": jax.ShapeDtypeStruct((8,), jnp.float32)}},
+        "cols": {"dense": {"kernel": jax.ShapeDtypeStruct((12,), jnp.float32)}},
+        "other": {"dense": {"kernel": jax.ShapeDtypeStruct((1,), jnp.float32)}},
+    }
+    got = partitioning.optimizer_state_shardings(opt_state, params, param_shardings, mesh)
+    assert got["count"].spec == PartitionSpec()
+    assert got["moments"]["dense"]["kernel"].spec == spec
+    assert got["rows"]["dense"]["kernel"].spec == PartitionSpec("fsdp")
+    assert got["cols"]["dense"]["kernel"].spec == PartitionSpec("model")
+    assert got["other"]["dense"]["kernel"].spec == PartitionSpec()
+
+
 def _worker_shardings() -> dict:
     """Runs in the 8-device subprocess; returns a JSON-able report."""
     import flax.linen as nn

@@ -183,7 +183,9 @@ def optimizer_state_shardings(
 
     def leaf_sharding(path, leaf):
         shape = tuple(getattr(leaf, "shape", ()))
-        match = by_path.get(_trailing_dict_keys(path))
+        keys = _trailing_dict_keys(path)
+        # The longest suffix that names a parameter (a state may nest params under a dict key).
+        match = next((by_path[keys[i:]] for i in range(len(keys)) if keys[i:] in by_path), None)
         if match is None or not shape:
             return replicated
         param_shape, spec = match
