@@ -245,16 +245,6 @@ def test_indivisible_batch_fails_with_what_to_change(report):
     assert errors["micro"] is not None and "num_microbatches 8" in errors["micro"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ValueError,
-    reason=(
-        "Model bug (e2s2_jax/models/t5.py): under a mesh context flax's param shape check "
-        "re-runs DenseGeneral's initializer, whose flattened rank-2 kernel carries the three "
-        "logical names ('embed', 'heads', 'kv'); with_sharding_constraint then rejects it. "
-        "When this passes, make activation_constraints=True the default."
-    ),
-)
 def test_activation_constraints_with_mesh_in_context():
     import jax
 

@@ -200,6 +200,23 @@ class RMSNorm(nn.Module):
         return (scale * normed).astype(self.config.activation_dtype)
 
 
+class Projection(nn.Module):
+    """A bias-free `einsum(equation, x, kernel)` whose float32 kernel is created at its full
+    shape with logical axes. (`nn.DenseGeneral` initialises a flattened kernel, which cannot
+    carry three logical axes under a mesh.)"""
+
+    shape: tuple[int, ...]
+    axes: tuple[str, ...]
+    equation: str
+    stddev: float
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        kernel = self.param("kernel", _normal(self.stddev, self.axes), self.shape, jnp.float32)
+        return jnp.einsum(self.equation, x.astype(self.dtype), kernel.astype(self.dtype))
+
+
 class MultiHeadAttention(nn.Module):
     """T5 attention (no 1/sqrt(d) scaling: it is folded into the query init).
 
@@ -219,20 +236,16 @@ class MultiHeadAttention(nn.Module):
         self, inputs_q: Array, inputs_kv: Array, bias: Array, decode_position: Array | None = None
     ) -> Array:
         cfg = self.config
+        qkv_shape = (cfg.d_model, cfg.num_heads, cfg.d_kv)
         dense = functools.partial(
-            nn.DenseGeneral,
-            features=(cfg.num_heads, cfg.d_kv),
-            axis=-1,
-            use_bias=False,
-            dtype=cfg.activation_dtype,
-            param_dtype=jnp.float32,
+            Projection, shape=qkv_shape, equation="bld,dhk->blhk", dtype=cfg.activation_dtype
         )
         qkv_axes = ("embed", "heads", "kv")
-        query = dense(
-            kernel_init=_normal((cfg.d_model * cfg.d_kv) ** -0.5, qkv_axes), name="query"
-        )(inputs_q)
-        key_proj = dense(kernel_init=_normal(cfg.d_model**-0.5, qkv_axes), name="key")
-        value_proj = dense(kernel_init=_normal(cfg.d_model**-0.5, qkv_axes), name="value")
+        query = dense(axes=qkv_axes, stddev=(cfg.d_model * cfg.d_kv) ** -0.5, name="query")(
+            inputs_q
+        )
+        key_proj = dense(axes=qkv_axes, stddev=cfg.d_model**-0.5, name="key")
+        value_proj = dense(axes=qkv_axes, stddev=cfg.d_model**-0.5, name="value")
 
         if self.decode and self.is_cross_attention:
             key, value = self._cached_cross_kv(key_proj, value_proj, inputs_kv)
@@ -248,13 +261,12 @@ class MultiHeadAttention(nn.Module):
         weights = jax.nn.softmax(scores + bias, axis=-1).astype(cfg.activation_dtype)
         weights = nn.Dropout(cfg.dropout_rate)(weights, deterministic=self.deterministic)
         context = jnp.einsum("bhqk,bkhd->bqhd", weights, value)
-        out = nn.DenseGeneral(
-            features=cfg.d_model,
-            axis=(-2, -1),
-            use_bias=False,
+        out = Projection(
+            shape=(cfg.num_heads, cfg.d_kv, cfg.d_model),
+            axes=("heads", "kv", "embed"),
+            equation="blhk,hkd->bld",
+            stddev=(cfg.num_heads * cfg.d_kv) ** -0.5,
             dtype=cfg.activation_dtype,
-            param_dtype=jnp.float32,
-            kernel_init=_normal((cfg.num_heads * cfg.d_kv) ** -0.5, ("heads", "kv", "embed")),
             name="out",
         )(context)
         return nn.with_logical_constraint(out, ("batch", "length", "embed"))

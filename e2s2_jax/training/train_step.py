@@ -94,7 +94,7 @@ def make_train_step(
     state_shardings: TrainState | None = None,
     rules: partitioning.Rules = partitioning.LOGICAL_AXIS_RULES,
     donate_state: bool = True,
-    activation_constraints: bool = False,
+    activation_constraints: bool = True,
 ) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, Metrics]]:
     """One jitted, pure `(state, batch, rng) -> (new_state, metrics)`.
 
@@ -109,11 +109,9 @@ def make_train_step(
       state_shardings: from `init_train_state`; derived from the model when omitted.
       donate_state: donate the input state's buffers (the caller must not reuse it).
       activation_constraints: trace with the mesh in context so the model's
-        `nn.with_logical_constraint` annotations pin activation layouts. Off by default: with a
-        mesh in context, flax's param shape check re-runs `DenseGeneral`'s initializer, whose
-        flattened kernel (rank 2) gets the 3 logical names of the attention kernels and fails
-        (a model-side bug, see tests/test_train_step.py). Without it XLA propagates layouts
-        from the explicit param, optimizer-state, gradient and batch shardings.
+        `nn.with_logical_constraint` annotations pin activation layouts. When off, XLA
+        propagates layouts from the explicit param, optimizer-state, gradient and batch
+        shardings alone.
 
     Returns:
       The jitted step, behind a shape check of the batch (`.jitted` / `.lower` reach the jit
