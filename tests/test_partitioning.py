@@ -2,26 +2,22 @@
 
 Checks that need 8 devices run in a subprocess (this file run as a script) with
 `XLA_FLAGS=--xla_force_host_platform_device_count=8`, for the reason given in
-tests/test_train_step.py: XLA reads the flag once per process, so setting it inside pytest would
+tests/eight_devices.py: XLA reads the flag once per process, so setting it inside pytest would
 depend on test order and leak 8 devices into every other test module.
 """
 
 from __future__ import annotations
 
-import functools
 import json
-import os
-import subprocess
 import sys
 
+import eight_devices
 import jax
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec
 
 from e2s2_jax.training import partitioning
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_create_mesh_fills_and_names_axes():
@@ -203,30 +199,9 @@ def _worker_shardings() -> dict:
     return report
 
 
-@functools.cache
-def _subprocess_report(worker: str) -> dict:
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = (
-        env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-    ).strip()
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = REPO_ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    result = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), worker],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=REPO_ROOT,
-    )
-    if result.returncode != 0:
-        raise AssertionError(f"8-device worker failed:\n{result.stdout}\n{result.stderr[-6000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
-
-
 @pytest.fixture(scope="module")
 def report() -> dict:
-    return _subprocess_report("shardings")
+    return eight_devices.run_worker(__file__, "shardings")
 
 
 def test_mesh_sizes_fill_and_errors_on_8_devices(report):

@@ -10,16 +10,13 @@ process alone. One subprocess computes everything and the tests assert on its JS
 
 from __future__ import annotations
 
-import functools
 import json
-import os
-import subprocess
 import sys
 
+import eight_devices
 import numpy as np
 import pytest
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MESHES = [(8, 1, 1), (2, 2, 2), (1, 1, 8), (4, 2, 1)]
 NUM_STEPS = 3
 
@@ -187,30 +184,9 @@ def _worker_train_steps() -> dict:
     return report
 
 
-@functools.cache
-def _subprocess_report(worker: str) -> dict:
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = (
-        env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-    ).strip()
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = REPO_ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    result = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), worker],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=REPO_ROOT,
-    )
-    if result.returncode != 0:
-        raise AssertionError(f"8-device worker failed:\n{result.stdout}\n{result.stderr[-6000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
-
-
 @pytest.fixture(scope="module")
 def report() -> dict:
-    return _subprocess_report("train_steps")
+    return eight_devices.run_worker(__file__, "train_steps")
 
 
 @pytest.mark.parametrize("mesh_name", ["x".join(map(str, m)) for m in MESHES] + ["2x2x2+dropout"])
