@@ -13,11 +13,13 @@ import os
 from collections.abc import Iterator
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import safetensors
 import safetensors.numpy
+from flax import linen as nn
 
-from e2s2_jax.models.t5 import FEED_FORWARD_PROJS, T5Config, scan_params, unscan_params
+from e2s2_jax.models.t5 import FEED_FORWARD_PROJS, T5, T5Config, scan_params, unscan_params
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -224,11 +226,6 @@ def _to_hf(array: np.ndarray, kind: str) -> np.ndarray:
 
 def _param_shapes(config: T5Config) -> dict:
     """Unscanned parameter shapes of `config`'s model, without allocating them."""
-    import jax.numpy as jnp
-    from flax import linen as nn
-
-    from e2s2_jax.models.t5 import T5
-
     model = T5(T5Config(**{**config.__dict__, "scan_layers": False}))
     tokens = jnp.ones((1, 1), jnp.int32)
     shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), tokens, tokens)
@@ -293,6 +290,12 @@ def _read_tensors(hf_dir: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
 
 def load_hf_config(hf_dir: str, has_separate_lm_head: bool | None = None) -> T5Config:
     """T5Config of an HF checkpoint directory."""
+    hf_config, path = _read_config_json(hf_dir)
+    return config_from_hf(hf_config, path, has_separate_lm_head)
+
+
+def _read_config_json(hf_dir: str) -> tuple[dict, str]:
+    """`(fields, path)` of the directory's config.json."""
     path = os.path.join(hf_dir, CONFIG_FILE)
     if not os.path.exists(path):
         raise HFCheckpointError(f"{path}: missing; an HF T5 directory has config.json.")
@@ -301,14 +304,15 @@ def load_hf_config(hf_dir: str, has_separate_lm_head: bool | None = None) -> T5C
             hf_config = json.load(f)
         except json.JSONDecodeError as e:
             raise HFCheckpointError(f"{path}: not valid JSON ({e}).") from e
-    return config_from_hf(hf_config, path, has_separate_lm_head)
+    return hf_config, path
 
 
 def import_hf(
     hf_dir: str, *, scan_layers: bool = False, **config_overrides
 ) -> tuple[T5Config, dict]:
     """Reads an HF T5 directory; returns `(config, params)` (float32 numpy params)."""
-    load_hf_config(hf_dir)  # Fail on a bad config before reading weights.
+    hf_config, config_path = _read_config_json(hf_dir)
+    config_from_hf(hf_config, config_path)  # Fail on a bad config before reading weights.
     tensors, sources = _read_tensors(hf_dir)
     if "shared.weight" not in tensors and "encoder.embed_tokens.weight" in tensors:
         tensors["shared.weight"] = tensors["encoder.embed_tokens.weight"]
@@ -317,7 +321,7 @@ def import_hf(
         and tensors["lm_head.weight"].shape == tensors["shared.weight"].shape
         and np.array_equal(tensors["lm_head.weight"], tensors["shared.weight"])
     )
-    config = load_hf_config(hf_dir, separate_head)
+    config = config_from_hf(hf_config, config_path, separate_head)
     config = T5Config(**{**config.__dict__, **config_overrides, "scan_layers": False})
     if not config.tie_word_embeddings and "lm_head.weight" not in tensors:
         raise HFCheckpointError(
@@ -356,8 +360,6 @@ def import_hf(
 
 def export_hf(config: T5Config, params: dict, hf_dir: str) -> None:
     """Writes `config.json` and `model.safetensors` that HF's T5ForConditionalGeneration loads."""
-    from flax import linen as nn
-
     params = nn.unbox(params)
     if config.scan_layers or "layers" in params.get("encoder", {}):
         params = unscan_params(params)
