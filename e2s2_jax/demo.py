@@ -23,9 +23,10 @@ import tasks  # noqa: E402,F401  (registers the bundled tasks)
 from e2s2_jax.data.feature_converters import E2S2EncDecFeatureConverter  # noqa: E402
 from e2s2_jax.decoding import DecodeConfig, make_predict_fn  # noqa: E402
 from e2s2_jax.models.t5 import T5, T5Config  # noqa: E402
+from e2s2_jax.objectives import Seq2SeqObjective  # noqa: E402
 from e2s2_jax.training import optimizers, partitioning  # noqa: E402
 from e2s2_jax.training.train_state import init_train_state  # noqa: E402
-from e2s2_jax.training.train_step import loss_sums, make_train_step  # noqa: E402
+from e2s2_jax.training.train_step import make_train_step  # noqa: E402
 
 # gin/models/t5_1_1_tiny.gin, spelled out so the demo needs no Gin.
 TINY = T5Config(
@@ -76,7 +77,7 @@ def main(argv=None) -> None:
     )
     state, shardings = init_train_state(model, optimizer, mesh, jax.random.PRNGKey(args.seed))
     train_step = make_train_step(
-        model, optimizer, {"z_loss": 1e-4}, mesh, state_shardings=shardings
+        model, optimizer, Seq2SeqObjective(z_loss=1e-4), mesh, state_shardings=shardings
     )
     train = batches(args.task, "train", lengths, args.batch_size, shuffle=True, seed=args.seed)
     print(
@@ -102,8 +103,10 @@ def main(argv=None) -> None:
 
     @jax.jit
     def eval_sums(params, batch):
-        loss_sum, (_, weight_sum) = loss_sums(model, params, batch, None)
-        return loss_sum, weight_sum
+        objective = Seq2SeqObjective(z_loss=0.0)
+        normalizers = objective.normalizers(batch)
+        loss, _ = objective(model, params, batch, normalizers, None)
+        return loss * normalizers["weight_sum"], normalizers["weight_sum"]
 
     total_loss = total_weight = 0.0
     validation = batches(args.task, "validation", lengths, args.batch_size, shuffle=False, seed=0)

@@ -62,6 +62,7 @@ def _worker_train_steps() -> dict:
     import optax
 
     from e2s2_jax.models.t5 import T5
+    from e2s2_jax.objectives import Seq2SeqObjective
     from e2s2_jax.training import optimizers, partitioning
     from e2s2_jax.training.train_state import init_train_state, train_state_shardings
     from e2s2_jax.training.train_step import make_train_step
@@ -86,7 +87,7 @@ def _worker_train_steps() -> dict:
         step = make_train_step(
             model,
             optimizer,
-            {"z_loss": 1e-4, "label_smoothing": 0.1},
+            Seq2SeqObjective(z_loss=1e-4, label_smoothing=0.1),
             mesh,
             learning_rate_fn=schedule,
             state_shardings=shardings,
@@ -144,7 +145,12 @@ def _worker_train_steps() -> dict:
     for num_microbatches in (1, 4):
         state = jax.device_put(sgd_initial_state, shardings)
         step = make_train_step(
-            sgd_model, sgd, {"z_loss": 1e-4}, mesh, num_microbatches, state_shardings=shardings
+            sgd_model,
+            sgd,
+            Seq2SeqObjective(z_loss=1e-4),
+            mesh,
+            num_microbatches,
+            state_shardings=shardings,
         )
         before = jax.tree.map(np.asarray, jax.device_get(state.params))
         state, metrics = step(state, batch, jax.random.key(0))
@@ -173,7 +179,12 @@ def _worker_train_steps() -> dict:
     errors = {}
     for name, batch_size, num_microbatches in [("batch10", 10, 1), ("micro", 16, 8)]:
         step = make_train_step(
-            sgd_model, sgd, {}, mesh, num_microbatches, state_shardings=shardings
+            sgd_model,
+            sgd,
+            Seq2SeqObjective(z_loss=0.0),
+            mesh,
+            num_microbatches,
+            state_shardings=shardings,
         )
         try:
             step(state, synthetic_batch(0, batch_size=batch_size), jax.random.key(0))
@@ -225,6 +236,7 @@ def test_activation_constraints_with_mesh_in_context():
     import jax
 
     from e2s2_jax.models.t5 import T5
+    from e2s2_jax.objectives import Seq2SeqObjective
     from e2s2_jax.training import optimizers, partitioning
     from e2s2_jax.training.train_state import init_train_state
     from e2s2_jax.training.train_step import make_train_step
@@ -234,7 +246,12 @@ def test_activation_constraints_with_mesh_in_context():
     mesh = partitioning.create_mesh(1, 1, 1, devices=jax.devices()[:1])
     state, shardings = init_train_state(model, optimizer, mesh, jax.random.key(0))
     step = make_train_step(
-        model, optimizer, {}, mesh, state_shardings=shardings, activation_constraints=True
+        model,
+        optimizer,
+        Seq2SeqObjective(z_loss=0.0),
+        mesh,
+        state_shardings=shardings,
+        activation_constraints=True,
     )
     step(state, synthetic_batch(0), jax.random.key(0))
 
