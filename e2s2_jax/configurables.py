@@ -2,9 +2,19 @@
 that models, losses and training import without gin-config."""
 
 import gin
-from e2s2_jax import decoding
+import optax
+
+from e2s2_jax import decoding, objectives
+from e2s2_jax.data import feature_converters
 from e2s2_jax.models import t5
+from e2s2_jax.training import optimizers
 
 gin.external_configurable(t5.T5Config, module="e2s2_jax")
 gin.external_configurable(t5.T5, module="e2s2_jax")
 gin.external_configurable(decoding.DecodeConfig, module="e2s2_jax")
+gin.external_configurable(objectives.Seq2SeqObjective, module="e2s2_jax")
+gin.external_configurable(feature_converters.E2S2EncDecFeatureConverter, module="e2s2_jax")
+gin.external_configurable(optimizers.make_optimizer, module="e2s2_jax")
+gin.external_configurable(optimizers.rsqrt_schedule, module="e2s2_jax")
+gin.external_configurable(optax.warmup_cosine_decay_schedule, module="optax")
+gin.external_configurable(optax.constant_schedule, module="optax")
