@@ -1,4 +1,5 @@
-"""Pure loss functions: token cross-entropy with z-loss and label smoothing, masked means.
+"""Pure loss functions: token cross-entropy with z-loss and label smoothing, masked means, and
+E2S2's contrastive NT-Xent.
 
 Shapes: `logits` is `[..., vocab]` (float32 is expected), `targets` and `weights` are `[...]`.
 Losses are returned as sums with the matching weight sum, so that callers (gradient
@@ -144,3 +145,85 @@ def masked_mean(values: Array, mask: Array, axis: int | tuple[int, ...] | None =
     total = jnp.sum(values.astype(jnp.float32) * mask, axis=axis)
     count = jnp.sum(mask, axis=axis)
     return jnp.where(count > 0, total / jnp.maximum(count, 1e-20), 0.0)
+
+
+# A large negative similarity for excluded candidates: finite, so an anchor with no valid
+# candidate gives a finite (masked-out) loss and no NaN gradient.
+_EXCLUDED_LOGIT = -1e9
+
+
+def nt_xent(
+    view_a: Array,
+    view_b: Array,
+    valid: Array | None = None,
+    *,
+    temperature: float = 1.0,
+    num_groups: int = 1,
+) -> tuple[Array, Array, Array]:
+    """Symmetric NT-Xent (SimCLR's normalised-temperature cross-entropy) between two views.
+
+    Every valid example of both views is an anchor: the positive of `view_a[i]` is `view_b[i]`
+    (and vice versa); its negatives are every other valid example of both views (2N - 2 for N
+    valid examples). Similarity is cosine similarity divided by `temperature`.
+
+    Args:
+      view_a, view_b: `[examples, embed]` embeddings (normalised here).
+      valid: `[examples]` bool, false for slots that are not examples (padding rows, empty
+        packed-segment slots): they are neither anchors, positives nor negatives.
+      temperature: divides the cosine similarities.
+      num_groups: contrast within `num_groups` contiguous, equal blocks of examples only
+        (per-device negatives when the examples are laid out contiguously per device).
+
+    Returns:
+      `(loss_sum, correct_sum, anchor_count)`, float32 scalars: the summed loss over anchors,
+      the number of anchors whose positive is strictly more similar than every negative, and
+      the number of anchors (2 x valid examples).
+    """
+    num_examples, embed = view_a.shape
+    if num_examples % num_groups:
+        raise ValueError(
+            f"nt_xent: {num_examples} examples do not split into num_groups={num_groups} "
+            "equal groups."
+        )
+    if valid is None:
+        valid = jnp.ones((num_examples,), bool)
+    group_size = num_examples // num_groups
+
+    def normalize(x):
+        x = x.astype(jnp.float32)
+        return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(jnp.square(x), -1, keepdims=True), 1e-24))
+
+    # [groups, 2n, embed]: view a's block of each group, then view b's.
+    embeddings = jnp.concatenate(
+        [
+            normalize(view_a).reshape(num_groups, group_size, embed),
+            normalize(view_b).reshape(num_groups, group_size, embed),
+        ],
+        axis=1,
+    )
+    group_valid = jnp.tile(valid.reshape(num_groups, group_size), (1, 2))
+    logits = jnp.einsum("gie,gje->gij", embeddings, embeddings) / temperature
+    index = jnp.arange(2 * group_size)
+    positive_index = (index + group_size) % (2 * group_size)
+    is_self = index[:, None] == index[None, :]
+    candidate = group_valid[:, None, :] & ~is_self[None]
+    logits = jnp.where(candidate, logits, _EXCLUDED_LOGIT)
+    positive_logit = jnp.take_along_axis(
+        logits, jnp.broadcast_to(positive_index[None, :, None], (num_groups, 2 * group_size, 1)), 2
+    )[..., 0]
+    anchor_loss = jax.nn.logsumexp(logits, axis=-1) - positive_logit
+    is_positive = index[None, :] == positive_index[:, None]
+    best_negative = jnp.max(jnp.where(is_positive[None], _EXCLUDED_LOGIT, logits), axis=-1)
+    anchor_weights = group_valid.astype(jnp.float32)
+    return (
+        jnp.sum(jnp.where(group_valid, anchor_loss, 0.0)),
+        jnp.sum(anchor_weights * (positive_logit > best_negative)),
+        jnp.sum(anchor_weights),
+    )
+
+
+def classification_accuracy_sum(logits: Array, targets: Array, weights: Array) -> Array:
+    """Weighted count of positions whose argmax over `logits` `[..., classes]` equals the
+    int `targets` `[...]`: float32 scalar (divide by the weight sum for the accuracy)."""
+    correct = jnp.argmax(logits, axis=-1) == targets
+    return jnp.sum(correct.astype(jnp.float32) * weights.astype(jnp.float32))

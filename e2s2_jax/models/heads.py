@@ -1,0 +1,114 @@
+"""E2S2's pretraining-only encoder heads: the denoising classifier and the contrastive pooling.
+
+The denoising head is a module plugged into `T5(config, encoder_heads=(("denoise",
+DenoisingHead),))`: its parameters live under `head_denoise` and are dropped by fine-tuning and
+export. The contrastive "head" has no parameters (no projection, as in the reference), so it is
+a function the objective applies to `intermediates["encoder"]`: pooling per packed segment needs
+the batch's segment ids, which the model's head hook does not see.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from e2s2_jax.models.t5 import EncoderOutputs, T5Config
+
+Array = jax.Array
+
+# Noise labels of view N: 0 untouched, 1 moved by the trigram shuffle, 2 replaced.
+NUM_NOISE_CLASSES = 3
+
+
+class DenoisingHead(nn.Module):
+    """Dropout, then a dense `d_model -> 3` layer with bias: per-position noise-label logits
+    `[batch, length, 3]` (float32) from the final encoder output `[batch, length, embed]`.
+
+    The kernel is initialised normal(0.02) and the bias zeros (as the reference's BERT-style
+    init). The dropout is the head's own (0.1), independent of `T5Config.dropout_rate`.
+    """
+
+    config: T5Config
+    dropout_rate: float = 0.1
+
+    @nn.compact
+    def __call__(self, encoder_outputs: EncoderOutputs, deterministic: bool = True) -> Array:
+        cfg = self.config
+        kernel = self.param(
+            "kernel",
+            nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed", "noise_classes")),
+            (cfg.d_model, NUM_NOISE_CLASSES),
+            jnp.float32,
+        )
+        bias = self.param(
+            "bias",
+            nn.with_logical_partitioning(nn.initializers.zeros, ("noise_classes",)),
+            (NUM_NOISE_CLASSES,),
+            jnp.float32,
+        )
+        hidden = nn.Dropout(self.dropout_rate)(encoder_outputs.encoded, deterministic=deterministic)
+        dtype = cfg.activation_dtype
+        logits = jnp.einsum("bld,dc->blc", hidden.astype(dtype), kernel.astype(dtype))
+        return logits.astype(jnp.float32) + bias
+
+
+def l2_normalize(x: Array, axis: int = -1) -> Array:
+    """`x / ||x||` along `axis` (zero vectors stay zero), in float32."""
+    x = x.astype(jnp.float32)
+    squared_norm = jnp.sum(jnp.square(x), axis=axis, keepdims=True)
+    return x * jax.lax.rsqrt(jnp.maximum(squared_norm, 1e-24))
+
+
+def segment_membership(mask: Array, segment_ids: Array | None, max_segments: int) -> Array:
+    """`[batch, length, max_segments]` float32 one-hot of each non-pad position's segment slot
+    (slot `s` is segment id `s + 1`; rows without segment ids are one segment)."""
+    if segment_ids is None:
+        segment_ids = jnp.ones(mask.shape, jnp.int32)
+    slots = jnp.arange(1, max_segments + 1, dtype=segment_ids.dtype)
+    return ((segment_ids[:, :, None] == slots) & mask[:, :, None]).astype(jnp.float32)
+
+
+def segment_mean_pool(
+    encoded: Array, mask: Array, segment_ids: Array | None, max_segments: int
+) -> tuple[Array, Array]:
+    """Masked mean of `encoded` `[batch, length, embed]` over each packed segment's non-pad
+    positions.
+
+    Args:
+      encoded: `[batch, length, embed]` encoder outputs.
+      mask: `[batch, length]` true at non-pad positions.
+      segment_ids: `[batch, length]` packed segment ids (1, 2, ... per row, 0 at padding), or
+        None for unpacked rows (one example per row).
+      max_segments: static number of segment slots per row; slot `s` holds segment `s + 1`.
+        Segments beyond it are not pooled (see `dropped_segments`).
+
+    Returns:
+      `(pooled, valid)`: `[batch, max_segments, embed]` float32 means (0 in empty slots) and
+      `[batch, max_segments]` bool, true where the slot holds at least one position.
+    """
+    membership = segment_membership(mask, segment_ids, max_segments)
+    sums = jnp.einsum("bls,bld->bsd", membership, encoded.astype(jnp.float32))
+    counts = jnp.sum(membership, axis=1)
+    pooled = sums / jnp.maximum(counts, 1.0)[:, :, None]
+    return pooled, counts > 0
+
+
+def dropped_segments(mask: Array, segment_ids: Array | None, max_segments: int) -> Array:
+    """Number of packed segments (over the batch) past `max_segments`, which are not pooled."""
+    if segment_ids is None:
+        return jnp.zeros((), jnp.float32)
+    last_segment = jnp.max(jnp.where(mask, segment_ids, 0), axis=1)
+    return jnp.sum(jnp.maximum(last_segment - max_segments, 0)).astype(jnp.float32)
+
+
+def contrastive_embeddings(
+    encoder_outputs: EncoderOutputs, segment_ids: Array | None, max_segments: int
+) -> tuple[Array, Array]:
+    """E2S2's contrastive representation: the masked mean pool of the final encoder output
+    per packed segment, L2-normalised. Returns `([batch, max_segments, embed], valid
+    [batch, max_segments])`; see `segment_mean_pool`."""
+    pooled, valid = segment_mean_pool(
+        encoder_outputs.encoded, encoder_outputs.mask, segment_ids, max_segments
+    )
+    return l2_normalize(pooled), valid
