@@ -1,0 +1,853 @@
+"""The Gin-configured entry point, with t5x's conventions.
+
+    python -m e2s2_jax.main train --gin_file=gin/models/t5_1_1_tiny.gin \\
+        --gin_file=gin/runs/pretrain.gin --gin.MODEL_DIR=\\"/tmp/run\\" \\
+        --gin.MIXTURE_OR_TASK_NAME=\\"bundled_span_corruption\\" \\
+        --gin.TASK_FEATURE_LENGTHS="{'inputs': 128, 'targets': 32}" --gin.TRAIN_STEPS=1000
+    python -m e2s2_jax.main eval  ... (same Gin files; `gin/runs/eval.gin`)
+    python -m e2s2_jax.main infer ... (`gin/runs/infer.gin`; a task split or a text file)
+    python -m e2s2_jax.main convert {import,export} ...   (Hugging Face <-> params; see --help)
+
+Flags: `--gin_file` (repeatable; looked up in `--gin_search_paths`, default `gin/` and the
+working directory), `--gin.NAME=VALUE` (a binding or macro, e.g. `--gin.train.batch_size=64`),
+`--gin_bindings=...` (repeatable). Multi-host: `--coordinator_address`, `--num_processes`,
+`--process_id` (or nothing on TPU VMs, where `jax.distributed.initialize()` finds the pod).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import gin  # noqa: E402
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_SEARCH_PATHS = (os.path.join(REPO_ROOT, "gin"), REPO_ROOT)
+REQUIRED_MACROS = {
+    "train": ("MODEL_DIR", "MIXTURE_OR_TASK_NAME", "TASK_FEATURE_LENGTHS", "TRAIN_STEPS"),
+    "eval": ("MODEL_DIR", "MIXTURE_OR_TASK_NAME", "TASK_FEATURE_LENGTHS"),
+    "infer": ("MODEL_DIR", "TASK_FEATURE_LENGTHS"),
+}
+
+
+class ConfigError(ValueError):
+    """A configuration problem found before any work starts; the message says what to change."""
+
+
+def log(message: str) -> None:
+    if jax.process_index() == 0:
+        print(message, flush=True)
+
+
+# ----------------------------------------------------------------------------- Gin set-up
+
+
+def parse_flags(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
+    """Splits `--gin.X=V` flags (t5x's shorthand) from the rest; returns (args, bindings)."""
+    bindings, rest = [], []
+    for arg in argv:
+        if arg.startswith("--gin.") and "=" in arg:
+            name, value = arg[len("--gin.") :].split("=", 1)
+            bindings.append(f"{name} = {value}")
+        else:
+            rest.append(arg)
+    parser = argparse.ArgumentParser(
+        prog="python -m e2s2_jax.main",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("mode", choices=("train", "eval", "infer"))
+    parser.add_argument("--gin_file", action="append", default=[])
+    parser.add_argument("--gin_bindings", action="append", default=[])
+    parser.add_argument(
+        "--gin_search_paths",
+        default="",
+        help="comma-separated directories searched for --gin_file and includes",
+    )
+    parser.add_argument("--coordinator_address", default=None)
+    parser.add_argument("--num_processes", type=int, default=None)
+    parser.add_argument("--process_id", type=int, default=None)
+    parser.add_argument(
+        "--multihost",
+        action="store_true",
+        help="call jax.distributed.initialize() with no arguments (TPU VM pods)",
+    )
+    args = parser.parse_args(rest)
+    return args, [*args.gin_bindings, *bindings]
+
+
+def _resolve_gin_file(name: str, search_paths: Sequence[str]) -> str:
+    for directory in ("", *search_paths):
+        path = os.path.join(directory, name)
+        if os.path.isfile(path):
+            return path
+    raise ConfigError(
+        f"--gin_file={name}: not found in the working directory or the search paths "
+        f"{list(search_paths)}; give a path that exists or add its directory with "
+        "--gin_search_paths."
+    )
+
+
+def parse_gin(mode: str, gin_files: Sequence[str], bindings: Sequence[str], search_paths: str):
+    """Parses the Gin files and bindings, then checks `mode`'s required macros are bound."""
+    import e2s2_jax.configurables  # noqa: F401  (registers the configurables)
+
+    paths = [p for p in search_paths.split(",") if p] + list(DEFAULT_SEARCH_PATHS)
+    for path in paths:
+        gin.add_config_file_search_path(path)
+    files = [_resolve_gin_file(name, paths) for name in gin_files]
+    if not files:
+        raise ConfigError(
+            "No --gin_file given: pass a model file and a run file, e.g. "
+            "--gin_file=gin/models/t5_1_1_tiny.gin --gin_file=gin/runs/pretrain.gin."
+        )
+    # Gin logs an error for every search path an include is not in; only a miss everywhere is.
+    quiet = logging.Filter()
+    quiet.filter = lambda record: not record.getMessage().startswith("Path not found")
+    logging.getLogger().addFilter(quiet)
+    try:
+        gin.parse_config_files_and_bindings(files, bindings, finalize_config=False)
+    except (OSError, ValueError, KeyError, SyntaxError) as error:
+        raise ConfigError(
+            f"Gin configuration error in {files} / bindings {list(bindings)}:\n{error}\n"
+            "Check the spelling of the configurable and parameter names (the names are listed "
+            "in e2s2_jax/configurables.py and the functions' signatures)."
+        ) from error
+    finally:
+        logging.getLogger().removeFilter(quiet)
+    missing = [name for name in REQUIRED_MACROS[mode] if _macro_unbound(name)]
+    if missing:
+        examples = {
+            "MODEL_DIR": '--gin.MODEL_DIR=\\"/path/to/run\\"',
+            "MIXTURE_OR_TASK_NAME": '--gin.MIXTURE_OR_TASK_NAME=\\"bundled_span_corruption\\"',
+            "TASK_FEATURE_LENGTHS": "--gin.TASK_FEATURE_LENGTHS=\"{'inputs': 128, 'targets': 32}\"",
+            "TRAIN_STEPS": "--gin.TRAIN_STEPS=1000",
+        }
+        raise ConfigError(
+            f"Missing required Gin macro(s) {missing} for `{mode}`: bind them in a Gin file or "
+            "on the command line, e.g. " + " ".join(examples[name] for name in missing)
+        )
+
+
+def _macro_unbound(name: str) -> bool:
+    try:
+        value = gin.query_parameter(f"{name}/macro.value")
+    except ValueError:
+        return True
+    return repr(value) == "%gin.REQUIRED" or value is gin.REQUIRED
+
+
+def write_config(model_dir: str, name: str, text: str) -> None:
+    if jax.process_index() == 0:
+        with open(os.path.join(model_dir, name), "w") as f:
+            f.write(text)
+
+
+def check_model_dir(model_dir: str) -> None:
+    """Creates MODEL_DIR and checks it is writable (before anything expensive)."""
+    if model_dir.startswith(("gs://", "s3://")):
+        return
+    try:
+        os.makedirs(model_dir, exist_ok=True)
+        probe = os.path.join(model_dir, f".write_test.{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as error:
+        raise ConfigError(
+            f"MODEL_DIR={model_dir!r} is not writable ({error.strerror}): choose a directory "
+            'you can write, e.g. --gin.MODEL_DIR=\\"$HOME/runs/my_run\\".'
+        ) from error
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def get_dataset(
+    mixture_or_task_name: str,
+    task_feature_lengths: Mapping[str, int],
+    split: str,
+    batch_size: int,
+    feature_converter,
+    *,
+    shuffle: bool,
+    seed: int | None,
+    num_epochs: int | None,
+    skip_batches: int = 0,
+    shard: tuple[int, int] | None = None,
+):
+    """One shard's share of the global batches: `[batch_size / num_shards, ...]` numpy dicts.
+
+    `shard` is `(index, num_shards)`, this process's by default: each process reads its own
+    SeqIO shard. The first `skip_batches` are dropped (the restored data position; the seeded
+    pipeline replays identically).
+    """
+    import seqio
+
+    import tasks  # noqa: F401  (registers the bundled and C4 tasks)
+
+    index, process_count = shard or (jax.process_index(), jax.process_count())
+    if batch_size % process_count:
+        raise ConfigError(
+            f"Batch size {batch_size} is not divisible by the {process_count} processes: use "
+            f"a multiple of {process_count}."
+        )
+    try:
+        seqio.get_mixture_or_task(mixture_or_task_name)
+    except ValueError as error:
+        raise ConfigError(
+            f"MIXTURE_OR_TASK_NAME={mixture_or_task_name!r} is not registered ({error}). Register "
+            "it in your own module (see tasks/registration.py) and import that module, e.g. with "
+            "a Gin `import my_tasks` line."
+        ) from error
+    dataset = seqio.get_dataset(
+        mixture_or_task_name,
+        task_feature_lengths=dict(task_feature_lengths),
+        dataset_split=split,
+        shuffle=shuffle,
+        num_epochs=num_epochs,
+        seed=seed,
+        shard_info=seqio.ShardInfo(index=index, num_shards=process_count),
+        feature_converter=feature_converter,
+        use_cached=False,
+    )
+    dataset = dataset.batch(batch_size // process_count, drop_remainder=True)
+    if skip_batches:
+        dataset = dataset.skip(skip_batches)
+    return dataset.prefetch(2)
+
+
+def load_eval_batches(
+    mixture_or_task_name,
+    task_feature_lengths,
+    split,
+    batch_size,
+    feature_converter,
+    num_batches,
+    mesh,
+    rules,
+) -> list[dict]:
+    """The first `num_batches` global batches of `split`, in order, as sharded arrays."""
+    from e2s2_jax.training import partitioning
+
+    dataset = get_dataset(
+        mixture_or_task_name,
+        task_feature_lengths,
+        split,
+        batch_size,
+        feature_converter,
+        shuffle=False,
+        seed=0,
+        num_epochs=1,
+    )
+    return [
+        partitioning.make_global_batch(b, mesh, rules)
+        for b in dataset.take(num_batches).as_numpy_iterator()
+    ]
+
+
+def count_tokens(local_batch: Mapping[str, np.ndarray]) -> float:
+    """Non-pad encoder and decoder tokens of the global batch (from this process's rows)."""
+    tokens = sum(
+        float(np.count_nonzero(local_batch[name]))
+        for name in ("encoder_input_tokens", "decoder_target_tokens")
+        if name in local_batch
+    )
+    return tokens * jax.process_count()
+
+
+# ----------------------------------------------------------------------------- train
+
+
+class _Preemption:
+    """SIGTERM (TPU VM preemption, `kill`) sets a flag; the loop saves and exits at the next
+    step. Multi-host runs use JAX's preemption sync point so every process stops at one step."""
+
+    def __init__(self):
+        self.requested = False
+        if jax.process_count() == 1:
+            signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def reached(self, step: int) -> bool:
+        if jax.process_count() == 1:
+            return self.requested
+        from jax.experimental import multihost_utils
+
+        return multihost_utils.reached_preemption_sync_point(step)
+
+
+def _flops_per_step(compiled) -> float | None:
+    try:
+        analysis = compiled.cost_analysis()
+    except Exception:  # Some backends have no cost model.
+        return None
+    if isinstance(analysis, list):
+        analysis = analysis[0] if analysis else {}
+    flops = (analysis or {}).get("flops")
+    return float(flops) if flops and flops > 0 else None
+
+
+def _param_table(boxed_params) -> str:
+    import flax.linen as nn
+    import flax.traverse_util as traverse_util
+
+    lines = [f"{'parameter':<70} {'shape':<22} logical axes"]
+    total = 0
+    flat = traverse_util.flatten_dict(
+        boxed_params, is_leaf=lambda k, v: isinstance(v, nn.Partitioned)
+    )
+    for path, leaf in sorted(flat.items()):
+        value = leaf.value if isinstance(leaf, nn.Partitioned) else leaf
+        names = leaf.names if isinstance(leaf, nn.Partitioned) else ()
+        total += int(np.prod(value.shape))
+        lines.append(f"{'/'.join(path):<70} {str(tuple(value.shape)):<22} {tuple(names)}")
+    lines.append(f"total parameters: {total:,}")
+    return "\n".join(lines) + "\n"
+
+
+def _eval_metrics(eval_fn, params, batches: list) -> dict[str, float]:
+    """Objective metrics over `batches` as one large batch: each batch's terms are divided by
+    the normalizers of all of them, then summed (exact, like microbatching)."""
+    if not batches:
+        return {}
+    normalizer_fn, loss_fn = eval_fn
+    per_batch = [normalizer_fn(batch) for batch in batches]
+    totals = jax.tree.map(lambda *xs: sum(xs), *per_batch)
+    sums: dict[str, float] = {}
+    for batch in batches:
+        metrics = jax.device_get(loss_fn(params, batch, totals))
+        for name, value in metrics.items():
+            sums[name] = sums.get(name, 0.0) + float(value)
+    sums.update({name: float(value) for name, value in jax.device_get(totals).items()})
+    return sums
+
+
+def make_eval_fns(model, objective, mesh, rules, param_shardings):
+    """Jitted `(normalizers(batch), metrics(params, batch, normalizers))`, no dropout."""
+    import flax.linen as nn
+
+    from e2s2_jax.training import partitioning
+
+    batch_sharding = partitioning.batch_sharding(mesh, rules)
+
+    @jax.jit
+    def normalizers(batch):
+        return objective.normalizers(batch)
+
+    def metrics(params, batch, totals):
+        with nn.logical_axis_rules(rules):
+            _, values = objective(model, params, batch, totals, None)
+        return values
+
+    metrics = jax.jit(metrics, in_shardings=(param_shardings, batch_sharding, None))
+    return normalizers, metrics
+
+
+@gin.configurable(module="e2s2_jax")
+def train(
+    *,
+    model_dir: str = gin.REQUIRED,
+    mixture_or_task_name: str = gin.REQUIRED,
+    task_feature_lengths: Mapping[str, int] = gin.REQUIRED,
+    train_steps: int = gin.REQUIRED,
+    batch_size: int = 32,
+    model=gin.REQUIRED,
+    objective=gin.REQUIRED,
+    optimizer=gin.REQUIRED,
+    learning_rate_schedule=None,
+    feature_converter=gin.REQUIRED,
+    mesh_shape: Sequence[int] = (-1, 1, 1),
+    num_microbatches: int = 1,
+    seed: int = 0,
+    data_seed: int | None = 0,
+    initial_checkpoint: str | None = None,
+    checkpoint_every: int = 1000,
+    keep_checkpoints: int | None = 3,
+    async_checkpointing: bool = True,
+    log_every: int = 100,
+    eval_every: int = 0,
+    eval_batches: int = 8,
+    eval_split: str = "validation",
+    stop_after_steps: int | None = None,
+) -> dict[str, float]:
+    """Trains `model` on the task, resuming from MODEL_DIR's newest checkpoint when there is
+    one. Returns the last logged train metrics.
+
+    Args (Gin bindings `train.NAME`):
+      mesh_shape: `(data, fsdp, model)` sizes; one -1 fills the devices.
+      initial_checkpoint: params to start from when MODEL_DIR has no checkpoint (an imported
+        HF model's directory, another run's MODEL_DIR or checkpoint step); parameters it lacks
+        keep their initialisers (listed), ones the model lacks are dropped (listed).
+      checkpoint_every / keep_checkpoints: save period (steps) and how many to keep; the
+        last step is always saved.
+      log_every: steps between progress lines and TensorBoard points.
+      eval_every: steps between evaluations of the objective on `eval_split` (0: never).
+      stop_after_steps: leave the loop after this many steps of this invocation (for tests
+        and time-boxed jobs); the final checkpoint is still written.
+    """
+    import flax.linen as nn
+
+    from e2s2_jax.training import partitioning
+    from e2s2_jax.training.checkpoints import TrainCheckpointer, load_params_into
+    from e2s2_jax.training.metrics_writer import (
+        MetricsWriter,
+        Throughput,
+        peak_flops,
+        progress_line,
+    )
+    from e2s2_jax.training.train_state import TrainState, init_train_state
+    from e2s2_jax.training.train_step import make_train_step
+
+    start_time = time.time()
+    check_model_dir(model_dir)
+    rules = partitioning.LOGICAL_AXIS_RULES
+    mesh = partitioning.create_mesh(*mesh_shape)
+    data_shards = partitioning.data_parallel_size(mesh, rules)
+    if batch_size % (data_shards * num_microbatches):
+        raise ConfigError(
+            f"train.batch_size={batch_size} is not divisible by {data_shards * num_microbatches} "
+            f"= data-parallel size {data_shards} (mesh {dict(mesh.shape)}) x num_microbatches "
+            f"{num_microbatches}: set --gin.train.batch_size to a multiple of "
+            f"{data_shards * num_microbatches}, or change train.mesh_shape / "
+            "train.num_microbatches."
+        )
+    write_config(model_dir, "config.gin", gin.config_str())
+    log(
+        f"mesh {dict(mesh.shape)} over {jax.device_count()} devices "
+        f"({jax.devices()[0].device_kind}), {jax.process_count()} process(es)"
+    )
+
+    rng = jax.random.key(seed)
+    init_rng, train_rng = jax.random.split(rng)
+    state, shardings = init_train_state(model, optimizer, mesh, init_rng, rules=rules)
+    boxed = jax.eval_shape(
+        lambda: model.init(
+            jax.random.key(0), jnp.ones((1, 1), jnp.int32), jnp.ones((1, 1), jnp.int32)
+        )["params"]
+    )
+    write_config(model_dir, "params.txt", _param_table(boxed))
+
+    checkpointer = TrainCheckpointer(
+        os.path.join(model_dir, "checkpoints"),
+        keep=keep_checkpoints,
+        async_save=async_checkpointing,
+    )
+    data_position = {"batches": 0}
+    if checkpointer.latest_step() is not None:
+        abstract = jax.eval_shape(lambda: state)
+        del state
+        state, train_rng, data_position = checkpointer.restore(abstract, shardings, train_rng)
+        log(
+            f"resumed from {checkpointer.directory}/{int(state.step)} "
+            f"(data position {data_position})"
+        )
+    elif initial_checkpoint:
+        params, filled, ignored = load_params_into(
+            initial_checkpoint, state.params, shardings.params
+        )
+        opt_state = jax.jit(optimizer.init, out_shardings=shardings.opt_state)(params)
+        state = TrainState(step=state.step, params=params, opt_state=opt_state)
+        log(f"initialised from {initial_checkpoint}")
+        if filled:
+            log(
+                f"  {len(filled)} parameters not in the checkpoint keep their initial values: "
+                f"{', '.join(filled)}"
+            )
+        if ignored:
+            log(f"  {len(ignored)} checkpoint entries unused by this model: {', '.join(ignored)}")
+
+    step = int(state.step)
+    if step >= train_steps:
+        log(f"MODEL_DIR already holds step {step} >= TRAIN_STEPS={train_steps}: nothing to do.")
+        checkpointer.close()
+        return {}
+
+    dataset = get_dataset(
+        mixture_or_task_name,
+        task_feature_lengths,
+        "train",
+        batch_size,
+        feature_converter,
+        shuffle=True,
+        seed=data_seed,
+        num_epochs=None,
+        skip_batches=data_position["batches"],
+    )
+    batches: Iterator = dataset.as_numpy_iterator()
+    train_step = make_train_step(
+        model,
+        optimizer,
+        objective,
+        mesh,
+        num_microbatches,
+        learning_rate_fn=learning_rate_schedule,
+        state_shardings=shardings,
+        rules=rules,
+    )
+    local_batch = next(batches)
+    batch = partitioning.make_global_batch(local_batch, mesh, rules)
+    compiled = train_step.lower(state, batch, train_rng).compile()
+    throughput = Throughput(train_steps, _flops_per_step(compiled), peak_flops())
+    log(
+        f"compiled the train step in {time.time() - start_time:.0f}s since start; "
+        f"{throughput.flops_per_step or 0:.3g} FLOPs/step"
+    )
+
+    is_writer = jax.process_index() == 0
+    train_writer = MetricsWriter(model_dir, "train", enabled=is_writer)
+    eval_writer = MetricsWriter(model_dir, "eval", enabled=is_writer)
+    eval_batches_cache = None
+    eval_fns = None
+    preemption = _Preemption()
+    last_metrics: dict[str, float] = {}
+    steps_this_run = 0
+    throughput.reset(step)
+
+    def save(force=False):
+        checkpointer.save(state, train_rng, data_position, force=force)
+
+    while True:
+        state, metrics = compiled(state, batch, train_rng)
+        data_position = {"batches": data_position["batches"] + 1}
+        step += 1
+        steps_this_run += 1
+        throughput.add_tokens(count_tokens(local_batch))
+        if steps_this_run == 1:
+            write_config(model_dir, "operative_config.gin", gin.operative_config_str())
+        done = step >= train_steps or (
+            stop_after_steps is not None and steps_this_run >= stop_after_steps
+        )
+        if step % log_every == 0 or done:
+            scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            scalars.update(throughput.measure(step))
+            train_writer.write(step, scalars)
+            log(progress_line(step, train_steps, scalars))
+            last_metrics = scalars
+        if eval_every and (step % eval_every == 0 or step >= train_steps):
+            if eval_fns is None:
+                eval_fns = make_eval_fns(model, objective, mesh, rules, shardings.params)
+                eval_batches_cache = load_eval_batches(
+                    mixture_or_task_name,
+                    task_feature_lengths,
+                    eval_split,
+                    batch_size,
+                    feature_converter,
+                    eval_batches,
+                    mesh,
+                    rules,
+                )
+            with nn.logical_axis_rules(rules):
+                scalars = _eval_metrics(eval_fns, state.params, eval_batches_cache)
+            eval_writer.write(step, scalars)
+            log(f"eval at step {step}: " + " ".join(f"{k} {v:.4g}" for k, v in scalars.items()))
+            throughput.reset(step)
+        if preemption.reached(step):
+            log(f"SIGTERM: saving step {step} before exit")
+            save(force=True)
+            break
+        if step % checkpoint_every == 0 or done:
+            save()
+        if done:
+            break
+        local_batch = next(batches)
+        batch = partitioning.make_global_batch(local_batch, mesh, rules)
+
+    checkpointer.close()
+    train_writer.close()
+    eval_writer.close()
+    log(f"done at step {step}; checkpoints {checkpointer.all_steps()} in {checkpointer.directory}")
+    return last_metrics
+
+
+# ----------------------------------------------------------------------------- eval / infer
+
+
+def _restore_params(model_dir: str, model, mesh, rules, checkpoint_step: int | None):
+    """The params of MODEL_DIR's checkpoint `checkpoint_step` (newest when None), or of a
+    params directory (`interop.hf import`) given as MODEL_DIR."""
+    from e2s2_jax.training import partitioning
+    from e2s2_jax.training.checkpoints import CheckpointError, load_params_into
+
+    boxed = jax.eval_shape(
+        lambda: model.init(
+            jax.random.key(0), jnp.ones((1, 1), jnp.int32), jnp.ones((1, 1), jnp.int32)
+        )["params"]
+    )
+    shardings = partitioning.param_shardings(boxed, mesh, rules)
+    import flax.linen as nn
+
+    init = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), nn.unbox(boxed))
+    path = model_dir
+    if checkpoint_step is not None:
+        path = os.path.join(model_dir, "checkpoints", str(checkpoint_step))
+    params, filled, ignored = load_params_into(path, init, shardings)
+    if filled:
+        raise CheckpointError(
+            f"{path} lacks parameters this model needs: {filled[:8]}. Evaluate with the model "
+            "Gin files the checkpoint was trained with (MODEL_DIR/config.gin lists them)."
+        )
+    return params
+
+
+def _decode_texts(model, params, decode_config, vocabulary, token_batches, seed=0):
+    from e2s2_jax.decoding import make_predict_fn
+
+    predict = make_predict_fn(model, decode_config)
+    rng = jax.random.key(seed)
+    for i, tokens in enumerate(token_batches):
+        result = jax.device_get(predict(params, jnp.asarray(tokens), jax.random.fold_in(rng, i)))
+        tokens_out = np.asarray(result.tokens)
+        scores = np.asarray(result.scores)
+        if tokens_out.ndim == 3:  # beams: [batch, beams, length], best first
+            tokens_out, scores = tokens_out[:, 0], scores[:, 0]
+        for row, score in zip(tokens_out, scores, strict=True):
+            ids = [int(t) for t in row if t not in (0,)]
+            if model.config.eos_id in ids:
+                ids = ids[: ids.index(model.config.eos_id)]
+            yield vocabulary.decode(ids), float(score)
+
+
+def _pad_rows(rows: list[np.ndarray], length: int) -> np.ndarray:
+    out = np.zeros((len(rows), length), np.int32)
+    for i, row in enumerate(rows):
+        out[i, : min(len(row), length)] = row[:length]
+    return out
+
+
+def _task_examples(task_name: str, split: str, lengths: Mapping[str, int], max_examples: int):
+    import seqio
+
+    import tasks  # noqa: F401
+
+    task = seqio.get_mixture_or_task(task_name)
+    dataset = task.get_dataset(dict(lengths), split=split, shuffle=False, num_epochs=1)
+    return task, list(dataset.take(max_examples).as_numpy_iterator())
+
+
+@gin.configurable(module="e2s2_jax")
+def evaluate(
+    *,
+    model_dir: str = gin.REQUIRED,
+    mixture_or_task_name: str = gin.REQUIRED,
+    task_feature_lengths: Mapping[str, int] = gin.REQUIRED,
+    model=gin.REQUIRED,
+    objective=gin.REQUIRED,
+    feature_converter=gin.REQUIRED,
+    decode_config=gin.REQUIRED,
+    batch_size: int = 32,
+    split: str = "validation",
+    checkpoint_step: int | None = None,
+    eval_batches: int = 8,
+    max_decode_examples: int = 64,
+    mesh_shape: Sequence[int] = (-1, 1, 1),
+) -> dict[str, float]:
+    """The objective's metrics on `split` and the task's SeqIO metrics on decoded outputs.
+
+    Writes them to MODEL_DIR/eval (TensorBoard) and eval_metrics.jsonl at the checkpoint's
+    step, prints them, and returns them.
+    """
+    import flax.linen as nn
+
+    from e2s2_jax.training import partitioning
+    from e2s2_jax.training.metrics_writer import MetricsWriter
+
+    if jax.process_count() > 1:
+        raise ConfigError("eval runs on one process; launch it without --num_processes.")
+    rules = partitioning.LOGICAL_AXIS_RULES
+    mesh = partitioning.create_mesh(*mesh_shape)
+    params = _restore_params(model_dir, model, mesh, rules, checkpoint_step)
+    step = checkpoint_step or _latest_step(model_dir)
+    batches = load_eval_batches(
+        mixture_or_task_name,
+        task_feature_lengths,
+        split,
+        batch_size,
+        feature_converter,
+        eval_batches,
+        mesh,
+        rules,
+    )
+    param_shardings = jax.tree.map(lambda x: x.sharding, params)
+    with nn.logical_axis_rules(rules):
+        results = _eval_metrics(
+            make_eval_fns(model, objective, mesh, rules, param_shardings), params, batches
+        )
+
+    task, examples = _task_examples(
+        mixture_or_task_name, split, task_feature_lengths, max_decode_examples
+    )
+    metric_fns = getattr(task, "predict_metric_fns", None) or getattr(task, "metric_fns", [])
+    if metric_fns and examples:
+        vocabulary = task.output_features["targets"].vocabulary
+        rows = [e["inputs"] for e in examples]
+        token_batches = [
+            _pad_rows(rows[i : i + batch_size], task_feature_lengths["inputs"])
+            for i in range(0, len(rows), batch_size)
+        ]
+        predictions = [
+            text
+            for text, _ in _decode_texts(model, params, decode_config, vocabulary, token_batches)
+        ]
+        targets = [
+            e["targets_pretokenized"].decode()
+            if "targets_pretokenized" in e
+            else vocabulary.decode([int(t) for t in e["targets"] if t > 1])
+            for e in examples
+        ]
+        for metric_fn in metric_fns:
+            results.update({k: float(v) for k, v in metric_fn(targets, predictions).items()})
+        for target, prediction in list(zip(targets, predictions, strict=True))[:3]:
+            log(f"  target:     {target[:100]}\n  prediction: {prediction[:100]}")
+    writer = MetricsWriter(model_dir, "eval", enabled=jax.process_index() == 0)
+    writer.write(step or 0, results)
+    writer.close()
+    log(
+        f"eval of step {step} on {mixture_or_task_name}:{split}: "
+        + " ".join(f"{k} {v:.4g}" for k, v in results.items())
+    )
+    return results
+
+
+def _latest_step(model_dir: str) -> int | None:
+    directory = os.path.join(model_dir, "checkpoints")
+    if not os.path.isdir(directory):
+        return None
+    steps = [int(name) for name in os.listdir(directory) if name.isdigit()]
+    return max(steps) if steps else None
+
+
+@gin.configurable(module="e2s2_jax")
+def infer(
+    *,
+    model_dir: str = gin.REQUIRED,
+    task_feature_lengths: Mapping[str, int] = gin.REQUIRED,
+    model=gin.REQUIRED,
+    decode_config=gin.REQUIRED,
+    output_file: str | None = None,
+    mixture_or_task_name: str | None = None,
+    input_file: str | None = None,
+    vocabulary_model: str | None = None,
+    split: str = "validation",
+    batch_size: int = 32,
+    max_examples: int = 1000,
+    checkpoint_step: int | None = None,
+    seed: int = 0,
+    mesh_shape: Sequence[int] = (-1, 1, 1),
+) -> str:
+    """Decodes a task's `split` inputs, or the lines of `input_file`, to JSON lines
+    `{"input", "prediction", "score"[, "target"]}` in `output_file` (default
+    MODEL_DIR/inference.jsonl); returns its path.
+
+    `input_file` lines are tokenized with the task's vocabulary when a task is given, else with
+    `vocabulary_model` (a SentencePiece file), else with the bundled demo vocabulary.
+    """
+    from e2s2_jax.training import partitioning
+
+    if jax.process_count() > 1:
+        raise ConfigError("infer runs on one process; launch it without --num_processes.")
+    if mixture_or_task_name is None and input_file is None:
+        raise ConfigError(
+            'infer needs an input: --gin.infer.input_file=\\"lines.txt\\" or '
+            '--gin.infer.mixture_or_task_name=\\"a_task\\".'
+        )
+    output_file = output_file or os.path.join(model_dir, "inference.jsonl")
+    rules = partitioning.LOGICAL_AXIS_RULES
+    mesh = partitioning.create_mesh(*mesh_shape)
+    params = _restore_params(model_dir, model, mesh, rules, checkpoint_step)
+    length = task_feature_lengths["inputs"]
+    records: list[dict] = []
+    if input_file is not None:
+        vocabulary = _infer_vocabulary(mixture_or_task_name, vocabulary_model)
+        with open(input_file, encoding="utf-8") as f:
+            lines = [line.rstrip("\n") for line in f if line.strip()][:max_examples]
+        rows = [np.asarray(vocabulary.encode(line) + [model.config.eos_id]) for line in lines]
+        records = [{"input": line} for line in lines]
+    else:
+        task, examples = _task_examples(
+            mixture_or_task_name, split, task_feature_lengths, max_examples
+        )
+        vocabulary = task.output_features["targets"].vocabulary
+        rows = [e["inputs"] for e in examples]
+        for e in examples:
+            record = {"input": vocabulary.decode([int(t) for t in e["inputs"] if t > 1])}
+            if "targets" in e:
+                record["target"] = vocabulary.decode([int(t) for t in e["targets"] if t > 1])
+            records.append(record)
+    token_batches = [
+        _pad_rows(rows[i : i + batch_size], length) for i in range(0, len(rows), batch_size)
+    ]
+    outputs = _decode_texts(model, params, decode_config, vocabulary, token_batches, seed)
+    os.makedirs(os.path.dirname(os.path.abspath(output_file)), exist_ok=True)
+    with open(output_file, "w", encoding="utf-8") as f:
+        for i, (record, (text, score)) in enumerate(zip(records, outputs, strict=False)):
+            f.write(json.dumps({**record, "prediction": text, "score": score}) + "\n")
+            if (i + 1) % (batch_size * 10) == 0:
+                log(f"decoded {i + 1}/{len(records)}")
+    log(f"wrote {len(records)} predictions to {output_file}")
+    return output_file
+
+
+def _infer_vocabulary(task_name: str | None, vocabulary_model: str | None):
+    import seqio
+
+    if task_name is not None:
+        import tasks  # noqa: F401
+
+        return seqio.get_mixture_or_task(task_name).output_features["targets"].vocabulary
+    if vocabulary_model is not None:
+        return seqio.SentencePieceVocabulary(vocabulary_model)
+    from e2s2_jax.data.vocab import get_vocabulary
+
+    return get_vocabulary()
+
+
+# ----------------------------------------------------------------------------- entry
+
+
+def initialize_distributed(args: argparse.Namespace) -> None:
+    if args.num_processes and args.num_processes > 1:
+        # Collectives between CPU devices of different processes (no effect on TPU / GPU).
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(
+            coordinator_address=args.coordinator_address,
+            num_processes=args.num_processes,
+            process_id=args.process_id,
+        )
+    elif args.multihost:
+        jax.distributed.initialize()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "convert":
+        from e2s2_jax.interop import hf
+
+        return hf.main(argv[1:]) or 0
+    args, bindings = parse_flags(argv)
+    try:
+        initialize_distributed(args)  # before anything touches a JAX backend
+        parse_gin(args.mode, args.gin_file, bindings, args.gin_search_paths)
+        {"train": train, "eval": evaluate, "infer": infer}[args.mode]()
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

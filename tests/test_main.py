@@ -1,0 +1,240 @@
+"""The Gin trainer end to end: bitwise resume after kill -9, early configuration errors, eval
+and infer outputs. Each run is a subprocess (`python -m e2s2_jax.main`), as users launch it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# A small, fast run: the tiny model on short sequences.
+SMALL_RUN = [
+    "--gin_file=gin/models/t5_1_1_tiny.gin",
+    "--gin_file=gin/runs/pretrain.gin",
+    "--gin_file=gin/runs/smoke.gin",
+    "--gin.TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 16}",
+    "--gin.BATCH_SIZE=8",
+    "--gin.train.log_every=1",
+    "--gin.train.eval_every=0",
+    "--gin.optax.warmup_cosine_decay_schedule.warmup_steps=2",
+]
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    env.pop("XLA_FLAGS", None)
+    return env
+
+
+def _command(mode, model_dir, *extra):
+    return [
+        sys.executable,
+        "-m",
+        "e2s2_jax.main",
+        mode,
+        *SMALL_RUN,
+        f'--gin.MODEL_DIR="{model_dir}"',
+        *extra,
+    ]
+
+
+def _run(mode, model_dir, *extra, check=True):
+    result = subprocess.run(
+        _command(mode, model_dir, *extra),
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"exit {result.returncode}\n{result.stdout}\n{result.stderr[-4000:]}")
+    return result
+
+
+def _losses(model_dir) -> dict[int, float]:
+    """Loss per step from train_metrics.jsonl; a re-run step's later line wins."""
+    losses = {}
+    with open(os.path.join(model_dir, "train_metrics.jsonl")) as f:
+        for line in f:
+            record = json.loads(line)
+            losses[record["step"]] = record["loss"]
+    return losses
+
+
+def _final_params(model_dir, step):
+    import orbax.checkpoint as ocp
+
+    with ocp.StandardCheckpointer() as checkpointer:
+        tree = checkpointer.restore(os.path.join(model_dir, "checkpoints", str(step), "state"))
+    import jax
+
+    return {
+        jax.tree_util.keystr(k): np.asarray(v)
+        for k, v in jax.tree_util.tree_leaves_with_path(tree["params"])
+    }
+
+
+def test_resume_after_kill_9_is_bitwise(tmp_path):
+    straight = tmp_path / "straight"
+    _run("train", straight, "--gin.TRAIN_STEPS=20", "--gin.train.checkpoint_every=20")
+
+    resumed = tmp_path / "resumed"
+    args = ("--gin.TRAIN_STEPS=20", "--gin.train.checkpoint_every=5")
+    process = subprocess.Popen(
+        _command("train", resumed, *args),
+        cwd=REPO,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    metrics = resumed / "train_metrics.jsonl"
+    deadline = time.time() + 300
+    killed_after = None
+    while time.time() < deadline and process.poll() is None:
+        if metrics.exists():
+            steps = _losses(resumed)
+            if steps and max(steps) >= 11:
+                process.send_signal(signal.SIGKILL)
+                killed_after = max(steps)
+                break
+        time.sleep(0.05)
+    process.wait()
+    assert killed_after is not None and killed_after < 20, "the run was not killed mid-way"
+    complete = sorted(int(p) for p in os.listdir(resumed / "checkpoints") if p.isdigit())
+    # The newest *complete* one: a save still in flight at the kill does not count.
+    assert complete and max(complete) <= killed_after, complete
+
+    result = _run("train", resumed, *args)
+    assert f"resumed from {resumed}/checkpoints/{max(complete)}" in result.stdout, result.stdout
+
+    straight_losses, resumed_losses = _losses(straight), _losses(resumed)
+    assert sorted(resumed_losses) == list(range(1, 21))
+    assert resumed_losses == straight_losses  # every step, bitwise (float32 -> JSON is exact)
+    a, b = _final_params(straight, 20), _final_params(resumed, 20)
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def test_sigterm_saves_before_exit(tmp_path):
+    model_dir = tmp_path / "run"
+    process = subprocess.Popen(
+        _command("train", model_dir, "--gin.TRAIN_STEPS=1000", "--gin.train.checkpoint_every=500"),
+        cwd=REPO,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    metrics = model_dir / "train_metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (metrics.exists() and _losses(model_dir)):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    stdout, _ = process.communicate(timeout=120)
+    assert process.returncode == 0, stdout
+    saved = sorted(int(p) for p in os.listdir(model_dir / "checkpoints") if p.isdigit())
+    assert saved and 1 <= saved[-1] < 1000, saved
+    assert f"SIGTERM: saving step {saved[-1]}" in stdout
+    assert max(_losses(model_dir)) == saved[-1]
+
+
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        (["--gin.trian.batch_size=8"], "No configurable matching 'trian'"),
+        (["--gin.train.bach_size=8"], "doesn't have a parameter named 'bach_size'"),
+        (["--gin.TRAIN_STEPS=%gin.REQUIRED"], "Missing required Gin macro(s) ['TRAIN_STEPS']"),
+        (
+            ["--gin.TRAIN_STEPS=5", "--gin.train.num_microbatches=3"],
+            "set --gin.train.batch_size to a multiple of 3",
+        ),
+    ],
+)
+def test_configuration_errors_fail_before_training(tmp_path, extra, expected):
+    result = _run("train", tmp_path / "run", *extra, check=False)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert expected in result.stderr, result.stderr[-3000:]
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_missing_model_dir_and_unwritable_model_dir(tmp_path):
+    command = [
+        c
+        for c in _command("train", "x", "--gin.TRAIN_STEPS=5")
+        if not c.startswith("--gin.MODEL_DIR")
+    ]
+    result = subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True)
+    assert result.returncode == 2 and "Missing required Gin macro(s) ['MODEL_DIR']" in result.stderr
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    result = _run("train", blocker / "run", "--gin.TRAIN_STEPS=5", check=False)
+    assert result.returncode == 2
+    assert f"MODEL_DIR='{blocker / 'run'}' is not writable" in result.stderr, result.stderr[-2000:]
+
+
+def test_train_eval_infer_outputs(tmp_path):
+    model_dir = tmp_path / "run"
+    _run(
+        "train",
+        model_dir,
+        "--gin.TRAIN_STEPS=4",
+        "--gin.train.eval_every=4",
+        "--gin.train.eval_batches=2",
+    )
+    for name in (
+        "config.gin",
+        "operative_config.gin",
+        "params.txt",
+        "train_metrics.jsonl",
+        "eval_metrics.jsonl",
+    ):
+        assert (model_dir / name).exists(), name
+    table = (model_dir / "params.txt").read_text()
+    assert "token_embedder/embedding" in table and "('vocab', 'embed')" in table
+    assert "total parameters:" in table
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(model_dir / "train"))
+    operative = (model_dir / "operative_config.gin").read_text()
+    assert (
+        "train.train_steps = 4" in operative.replace("%TRAIN_STEPS", "4")
+        or "TRAIN_STEPS = 4" in operative
+    )
+
+    inputs = tmp_path / "inputs.txt"
+    inputs.write_text("It is a truth universally acknowledged.\nEmma Woodhouse, handsome.\n")
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "e2s2_jax.main",
+            "infer",
+            "--gin_file=gin/models/t5_1_1_tiny.gin",
+            "--gin_file=gin/runs/infer.gin",
+            f'--gin.MODEL_DIR="{model_dir}"',
+            "--gin.TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 16}",
+            f'--gin.infer.input_file="{inputs}"',
+            "--gin.DecodeConfig.max_decode_length=8",
+        ],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [
+        json.loads(line) for line in (model_dir / "inference.jsonl").read_text().splitlines()
+    ]
+    assert [r["input"] for r in records] == inputs.read_text().splitlines()
+    assert all(isinstance(r["prediction"], str) and np.isfinite(r["score"]) for r in records)
