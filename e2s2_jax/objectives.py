@@ -13,7 +13,8 @@ metrics over microbatches gives exactly the full-batch values, for any objective
 `training/train_step.py`). Normalizers are reported as metrics as they are.
 
 `Seq2SeqObjective` is T5's: token cross-entropy on the decoder (span corruption, prefix LM,
-full reconstruction, fine-tuning all use it).
+full reconstruction, fine-tuning all use it). `E2S2Objective` adds E2S2's second (noised) view,
+its denoising and contrastive terms (METHODS.md section 1).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from e2s2_jax import losses
+from e2s2_jax.models import heads
 
 PyTree = Any
 Batch = Mapping[str, jax.Array]
@@ -109,3 +111,214 @@ class Seq2SeqObjective:
         loss = loss_sum / denominator
         z_term = z_sum / denominator
         return loss, {"loss": loss, "cross_entropy": loss - z_term, "z_loss": z_term}
+
+
+# View N's features, made by `E2S2EncDecFeatureConverter(with_noised_view=True)` from an E2S2
+# task; view M is `encoder_input_tokens` (the span-corrupted input).
+NOISED_TOKENS = "encoder_input_tokens_noised"
+NOISE_LABELS = "encoder_noise_labels"
+MASKED_TOKENS = "encoder_input_tokens"
+
+
+@dataclasses.dataclass(frozen=True)
+class E2S2Objective:
+    """E2S2: `nll_noised_weight * NLL(view N) + nll_masked_weight * NLL(view M)
+    + denoise_weight * L_denoise + contrast_weight * L_contrast` (METHODS.md section 1).
+
+    Both views run as one batch of 2B rows through encoder and decoder (rows interleaved, N_0,
+    M_0, N_1, M_1, ..., so that each device's rows of both views stay on that device), then
+    split. With `nll_masked_weight` and `contrast_weight` both 0, view M is not computed (one
+    pass over view N). A term whose weight is 0 is not computed.
+
+    - NLL: decoder cross-entropy per weighted target token (both views share the targets), with
+      t5x's z-loss and label smoothing as `Seq2SeqObjective`.
+    - denoise: cross-entropy of the `denoise_head` model head (`heads.DenoisingHead`) against
+      `encoder_noise_labels` over view N's non-pad positions.
+    - contrast: symmetric NT-Xent (`losses.nt_xent`) between the L2-normalised masked mean
+      pools of the two views' encoder outputs, one example per packed segment (at most
+      `max_segments_per_row`; the `contrast_dropped_segments` metric counts any beyond it).
+      Negatives are the whole (micro)batch, or, with `per_shard_negatives=S`, each of S
+      contiguous blocks of rows (the per-device batch when S is the data-parallel size, as the
+      reference's per-GPU negatives). Under gradient accumulation the negatives are those of
+      each microbatch; the other terms accumulate exactly.
+
+    Metrics (additive contributions, as every objective's): `loss`, `nll_noised`,
+    `nll_masked` (cross-entropy without z-loss), `z_loss` (the weighted z-loss part of
+    `loss`), `denoise_loss`, `denoise_accuracy`, `contrast_loss`, `contrast_accuracy` (anchors
+    whose positive beats every negative), `contrast_dropped_segments`; each only when its term
+    is computed. Normalizers: `weight_sum` (target tokens), `denoise_weight_sum` (view N's
+    non-pad positions), `contrast_anchor_count` (2 x pooled examples).
+    """
+
+    nll_noised_weight: float = 0.5
+    nll_masked_weight: float = 0.5
+    denoise_weight: float = 0.05
+    contrast_weight: float = 0.05
+    temperature: float = 1.0
+    per_shard_negatives: int | None = None
+    max_segments_per_row: int = 8
+    z_loss: float = 1e-4
+    label_smoothing: float = 0.0
+    denoise_head: str = "denoise"
+
+    def __post_init__(self):
+        if self.temperature <= 0:
+            raise ValueError(f"E2S2Objective.temperature={self.temperature} must be positive.")
+        if self.per_shard_negatives is not None and self.per_shard_negatives < 1:
+            raise ValueError(
+                f"E2S2Objective.per_shard_negatives={self.per_shard_negatives}: use None "
+                "(global negatives) or the number of data-parallel shards."
+            )
+        if self.max_segments_per_row < 1:
+            raise ValueError("E2S2Objective.max_segments_per_row must be at least 1.")
+
+    @property
+    def views(self) -> tuple[str, ...]:
+        """The encoder input features run through the model, in row order within a pair."""
+        noised = self.nll_noised_weight != 0 or self.denoise_weight != 0
+        masked = self.nll_masked_weight != 0
+        if self.contrast_weight != 0:
+            noised = masked = True
+        return tuple(
+            name for name, used in ((NOISED_TOKENS, noised), (MASKED_TOKENS, masked)) if used
+        )
+
+    def _check_batch(self, batch: Batch) -> None:
+        needed = [NOISED_TOKENS] if NOISED_TOKENS in self.views else []
+        if self.denoise_weight != 0:
+            needed.append(NOISE_LABELS)
+        missing = [name for name in needed if name not in batch]
+        if missing:
+            raise ValueError(
+                f"E2S2Objective needs view N's {missing} in the batch, which has "
+                f"{sorted(batch)}. Build batches from an E2S2 task (e.g. bundled_e2s2, c4_e2s2) "
+                "with E2S2EncDecFeatureConverter(with_noised_view=True) (Gin: "
+                "E2S2EncDecFeatureConverter.with_noised_view = True)."
+            )
+
+    def _pool_valid(self, batch: Batch) -> jax.Array:
+        """`[batch, max_segments]`: slots holding a segment in both views."""
+        segment_ids = batch.get("encoder_segment_ids")
+        valid = None
+        for name in (NOISED_TOKENS, MASKED_TOKENS):
+            membership = heads.segment_membership(
+                batch[name] != 0, segment_ids, self.max_segments_per_row
+            )
+            view_valid = jnp.sum(membership, axis=1) > 0
+            valid = view_valid if valid is None else valid & view_valid
+        return valid
+
+    def normalizers(self, batch: Batch) -> Metrics:
+        self._check_batch(batch)
+        normalizers = {"weight_sum": jnp.sum(target_weights(batch))}
+        if self.denoise_weight != 0:
+            normalizers["denoise_weight_sum"] = jnp.sum(batch[NOISED_TOKENS] != 0).astype(
+                jnp.float32
+            )
+        if self.contrast_weight != 0:
+            normalizers["contrast_anchor_count"] = 2.0 * jnp.sum(self._pool_valid(batch)).astype(
+                jnp.float32
+            )
+        return normalizers
+
+    def __call__(self, model, params, batch, normalizers, dropout_rng):
+        self._check_batch(batch)
+        views = self.views
+        num_views = len(views)
+        batch_size = batch[MASKED_TOKENS].shape[0]
+        # [batch * views, ...]: row r of view v at r * views + v.
+        model_batch = {
+            name: jnp.repeat(value, num_views, axis=0)
+            for name, value in batch.items()
+            if name.startswith("decoder_") or name == "encoder_segment_ids"
+        }
+        model_batch[MASKED_TOKENS] = jnp.stack([batch[name] for name in views], axis=1).reshape(
+            batch_size * num_views, *batch[MASKED_TOKENS].shape[1:]
+        )
+        need_encoder = self.denoise_weight != 0 or self.contrast_weight != 0
+        outputs = apply_seq2seq(
+            model, params, model_batch, dropout_rng, return_intermediates=need_encoder
+        )
+        logits, intermediates = outputs if need_encoder else (outputs, None)
+
+        def view_rows(x: jax.Array, view: str) -> jax.Array:
+            return x.reshape(batch_size, num_views, *x.shape[1:])[:, views.index(view)]
+
+        loss = jnp.zeros((), jnp.float32)
+        metrics: Metrics = {}
+        z_total = jnp.zeros((), jnp.float32)
+        denominator = safe_denominator(normalizers["weight_sum"])
+        for view, weight, metric in (
+            (NOISED_TOKENS, self.nll_noised_weight, "nll_noised"),
+            (MASKED_TOKENS, self.nll_masked_weight, "nll_masked"),
+        ):
+            if weight == 0:
+                continue
+            loss_sum, z_sum, _ = losses.cross_entropy_with_logits(
+                view_rows(logits, view),
+                batch["decoder_target_tokens"],
+                target_weights(batch),
+                z_loss=self.z_loss,
+                label_smoothing=self.label_smoothing,
+            )
+            loss += weight * loss_sum / denominator
+            z_total += weight * z_sum / denominator
+            metrics[metric] = (loss_sum - z_sum) / denominator
+        metrics["z_loss"] = z_total
+
+        if self.denoise_weight != 0:
+            head_outputs = intermediates["heads"]
+            if self.denoise_head not in head_outputs:
+                raise ValueError(
+                    f"E2S2Objective.denoise_weight={self.denoise_weight} needs the model head "
+                    f"{self.denoise_head!r}, but the model has {sorted(head_outputs)}: build "
+                    f"T5(config, encoder_heads=(({self.denoise_head!r}, DenoisingHead),)) (Gin: "
+                    f"T5.encoder_heads = (({self.denoise_head!r}, @DenoisingHead),)), or set "
+                    "denoise_weight = 0."
+                )
+            noise_logits = view_rows(head_outputs[self.denoise_head], NOISED_TOKENS)
+            positions = (batch[NOISED_TOKENS] != 0).astype(jnp.float32)
+            denoise_sum, _, _ = losses.cross_entropy_with_logits(
+                noise_logits, batch[NOISE_LABELS], positions
+            )
+            denoise_denominator = safe_denominator(normalizers["denoise_weight_sum"])
+            metrics["denoise_loss"] = denoise_sum / denoise_denominator
+            metrics["denoise_accuracy"] = (
+                losses.classification_accuracy_sum(noise_logits, batch[NOISE_LABELS], positions)
+                / denoise_denominator
+            )
+            loss += self.denoise_weight * metrics["denoise_loss"]
+
+        if self.contrast_weight != 0:
+            encoder_outputs = intermediates["encoder"]
+            segment_ids = model_batch.get("encoder_segment_ids")
+            embeddings, _ = heads.contrastive_embeddings(
+                encoder_outputs, segment_ids, self.max_segments_per_row
+            )
+            embed = embeddings.shape[-1]
+            # [batch * segments, embed] per view: examples ordered by row, so contiguous row
+            # blocks (devices) are contiguous example blocks.
+            noised = view_rows(embeddings, NOISED_TOKENS).reshape(-1, embed)
+            masked = view_rows(embeddings, MASKED_TOKENS).reshape(-1, embed)
+            valid = self._pool_valid(batch).reshape(-1)
+            num_groups = self.per_shard_negatives or 1
+            if batch_size % num_groups:
+                raise ValueError(
+                    f"E2S2Objective.per_shard_negatives={num_groups} does not divide the "
+                    f"(micro)batch of {batch_size} rows."
+                )
+            contrast_sum, contrast_correct, _ = losses.nt_xent(
+                noised, masked, valid, temperature=self.temperature, num_groups=num_groups
+            )
+            contrast_denominator = safe_denominator(normalizers["contrast_anchor_count"])
+            metrics["contrast_loss"] = contrast_sum / contrast_denominator
+            metrics["contrast_accuracy"] = contrast_correct / contrast_denominator
+            metrics["contrast_dropped_segments"] = heads.dropped_segments(
+                batch[MASKED_TOKENS] != 0,
+                batch.get("encoder_segment_ids"),
+                self.max_segments_per_row,
+            )
+            loss += self.contrast_weight * metrics["contrast_loss"]
+
+        metrics["loss"] = loss
+        return loss, metrics

@@ -17,8 +17,9 @@ def numpy_nt_xent(view_a, view_b, valid=None, temperature=1.0, num_groups=1):
     view_b = np.asarray(view_b, np.float64)
     num_examples = len(view_a)
     valid = np.ones(num_examples, bool) if valid is None else np.asarray(valid, bool)
-    view_a = view_a / np.linalg.norm(view_a, axis=1, keepdims=True)
-    view_b = view_b / np.linalg.norm(view_b, axis=1, keepdims=True)
+    # Invalid slots may hold zero vectors; they are never used.
+    view_a = view_a / np.maximum(np.linalg.norm(view_a, axis=1, keepdims=True), 1e-300)
+    view_b = view_b / np.maximum(np.linalg.norm(view_b, axis=1, keepdims=True), 1e-300)
     group_size = num_examples // num_groups
     loss_sum = correct = count = 0.0
     for group in range(num_groups):
