@@ -37,7 +37,8 @@ def _state_tree(state: TrainState, rng: jax.Array) -> dict:
         "step": state.step,
         "params": state.params,
         "opt_state": state.opt_state,
-        "rng": jax.random.key_data(rng),
+        # Placed like `step` (replicated over the mesh): Orbax saves only global arrays.
+        "rng": jax.device_put(jax.random.key_data(rng), state.step.sharding),
     }
 
 
