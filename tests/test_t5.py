@@ -2,13 +2,13 @@
 
 import os
 
+import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import linen as nn
 
-import gin
 from e2s2_jax import configurables  # noqa: F401  (registers T5Config with Gin)
 from e2s2_jax.models.t5 import T5, T5Config, scan_params, unscan_params
 
