@@ -25,6 +25,17 @@ PyTree = Any
 NEG_INF = -1e10
 
 FEED_FORWARD_PROJS = ("gated-gelu", "relu", "gated-relu", "gelu")
+# What each decoder layer cross-attends (the EncoderFusion baselines of METHODS.md section 3):
+# "none": the encoder's final output (T5); "layer_attention": a learned softmax-weighted sum of
+# all encoder layers, the embedding layer included; "fine_grained_layer_attention": the same with
+# one weight per layer and model dimension; "layerwise_coordination": decoder layer j attends
+# encoder layer j (proportionally when the depths differ).
+ENCODER_FUSIONS = (
+    "none",
+    "layer_attention",
+    "fine_grained_layer_attention",
+    "layerwise_coordination",
+)
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
 
 
@@ -210,10 +221,15 @@ class Projection(nn.Module):
     equation: str
     stddev: float
     dtype: Any = jnp.float32
+    # Overrides the normal(stddev) init (SurfaceFusion's zero-initialised W2).
+    kernel_init: Callable | None = None
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        kernel = self.param("kernel", _normal(self.stddev, self.axes), self.shape, jnp.float32)
+        init = self.kernel_init or nn.initializers.normal(self.stddev)
+        kernel = self.param(
+            "kernel", nn.with_logical_partitioning(init, self.axes), self.shape, jnp.float32
+        )
         return jnp.einsum(self.equation, x.astype(self.dtype), kernel.astype(self.dtype))
 
 
@@ -272,13 +288,9 @@ class MultiHeadAttention(nn.Module):
         return nn.with_logical_constraint(out, ("batch", "length", "embed"))
 
     def _cached_cross_kv(self, key_proj, value_proj, encoded: Array) -> tuple[Array, Array]:
-        is_initialized = self.has_variable("cache", "cross_key")
-        if not is_initialized:
-            key, value = key_proj(encoded), value_proj(encoded)
-            self.variable("cache", "cross_key", lambda: key)
-            self.variable("cache", "cross_value", lambda: value)
-            return key, value
-        return self.get_variable("cache", "cross_key"), self.get_variable("cache", "cross_value")
+        return cache_once(
+            self, ("cross_key", "cross_value"), lambda: (key_proj(encoded), value_proj(encoded))
+        )
 
     def _append_to_cache(self, key: Array, value: Array, position: Array):
         """Writes this step's `[batch, 1, heads, kv]` key/value at `position`; returns the cache."""
@@ -289,6 +301,20 @@ class MultiHeadAttention(nn.Module):
         cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, key, start)
         cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, value, start)
         return cached_key.value, cached_value.value
+
+
+def cache_once(
+    module: nn.Module, names: tuple[str, ...], compute: Callable[[], tuple[Array, ...]]
+) -> tuple[Array, ...]:
+    """Decode-time values over the source (projected keys, values): computed on the call that
+    creates the cache and stored under `names` in `module`'s "cache" collection, read back on
+    every later step. (Beam search leaves them alone: they are equal across a row's beams.)"""
+    if module.has_variable("cache", names[0]):
+        return tuple(module.get_variable("cache", name) for name in names)
+    values = compute()
+    for name, value in zip(names, values, strict=True):
+        module.variable("cache", name, lambda value=value: value)
+    return values
 
 
 class FeedForward(nn.Module):
@@ -341,13 +367,44 @@ class EncoderLayer(nn.Module):
         return x, (x if self.return_layer_output else None)
 
 
+class EncoderLayerAttention(nn.Module):
+    """One decoder layer's memory for the layer-attention baselines: a softmax-weighted sum over
+    the encoder's layers `[batch, layers + 1, length, embed]` -> `[batch, length, embed]`.
+
+    One weight per layer (`fine_grained=False`) or per layer and model dimension. The weights
+    start at zero, i.e. a uniform average.
+    """
+
+    config: T5Config
+    fine_grained: bool = False
+
+    @nn.compact
+    def __call__(self, encoder_layers: Array) -> Array:
+        num_layers, d_model = encoder_layers.shape[1], encoder_layers.shape[-1]
+        shape, axes = (num_layers,), ("layers",)
+        if self.fine_grained:
+            shape, axes = (num_layers, d_model), ("layers", "embed")
+        scores = self.param(
+            "layer_scores", nn.with_logical_partitioning(nn.initializers.zeros, axes), shape
+        )
+        weights = jax.nn.softmax(scores, axis=0).astype(encoder_layers.dtype)
+        if not self.fine_grained:
+            weights = weights[:, None]
+        return jnp.sum(encoder_layers * weights[None, :, None, :], axis=1)
+
+
 class DecoderLayer(nn.Module):
-    """Pre-norm causal self-attention, cross-attention, feed-forward. Scan-compatible."""
+    """Pre-norm causal self-attention, cross-attention, feed-forward. Scan-compatible.
+
+    `encoded` is the cross-attention memory `[batch, length, embed]`, or for the layer-attention
+    baselines (`encoder_fusion`) all encoder layers `[batch, layers + 1, length, embed]`.
+    """
 
     config: T5Config
     deterministic: bool = True
     decode: bool = False
     cache_length: int = 0
+    encoder_fusion: str = "none"
 
     @nn.compact
     def __call__(
@@ -371,6 +428,12 @@ class DecoderLayer(nn.Module):
         x = x + dropout(
             attention(name="self_attention")(normed, normed, self_bias, decode_position)
         )
+        if self.encoder_fusion in ("layer_attention", "fine_grained_layer_attention"):
+            encoded = EncoderLayerAttention(
+                cfg,
+                fine_grained=self.encoder_fusion == "fine_grained_layer_attention",
+                name="encoder_layer_attention",
+            )(encoded)
         normed = RMSNorm(cfg, name="pre_cross_attention_norm")(x)
         x = x + dropout(
             attention(is_cross_attention=True, name="encoder_decoder_attention")(
@@ -390,8 +453,17 @@ def _remat_policy(name: str):
     }[name]
 
 
-def _stack_layer(layer_cls: type[nn.Module], config: T5Config, num_layers: int, num_args: int):
-    """`layer_cls` wrapped for remat and, when `config.scan_layers`, `nn.scan` over layers."""
+def _stack_layer(
+    layer_cls: type[nn.Module],
+    config: T5Config,
+    num_layers: int,
+    num_args: int,
+    scanned_args: tuple[int, ...] = (),
+):
+    """`layer_cls` wrapped for remat and, when `config.scan_layers`, `nn.scan` over layers.
+
+    Arguments are broadcast to every layer, except those at `scanned_args`, which carry one
+    slice per layer on their leading axis."""
     if config.remat_policy != "none":
         layer_cls = nn.remat(
             layer_cls, policy=_remat_policy(config.remat_policy), prevent_cse=not config.scan_layers
@@ -401,7 +473,7 @@ def _stack_layer(layer_cls: type[nn.Module], config: T5Config, num_layers: int, 
             layer_cls,
             variable_axes={"params": 0, "cache": 0},
             split_rngs={"params": True, "dropout": True},
-            in_axes=(nn.broadcast,) * num_args,
+            in_axes=tuple(0 if i in scanned_args else nn.broadcast for i in range(num_args)),
             length=num_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )
@@ -419,12 +491,16 @@ class EncoderOutputs:
     embedded: `[batch, length, embed]` source token embeddings (before dropout).
     layer_outputs: `[layers, batch, length, embed]` each layer's output, or None unless asked.
     mask: `[batch, length]` bool, true at non-pad positions.
+    fusion_layers: `[batch, layers + 1, length, embed]` the embedding and every layer's output,
+      each through the final norm (and dropout), for the EncoderFusion baselines; else None.
+      (Batch first, so decoding can repeat every field along axis 0.)
     """
 
     encoded: Array
     embedded: Array
     mask: Array
     layer_outputs: Array | None = None
+    fusion_layers: Array | None = None
 
 
 class Encoder(nn.Module):
@@ -441,6 +517,7 @@ class Encoder(nn.Module):
         *,
         deterministic: bool = True,
         return_layer_outputs: bool = False,
+        return_fusion_layers: bool = False,
     ) -> EncoderOutputs:
         cfg = self.config
         mask = tokens != cfg.pad_id
@@ -452,7 +529,8 @@ class Encoder(nn.Module):
         embedded = self.shared_embedding(tokens)
         x = nn.Dropout(cfg.dropout_rate)(embedded, deterministic=deterministic)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-        layer_kwargs = dict(deterministic=deterministic, return_layer_output=return_layer_outputs)
+        keep_outputs = return_layer_outputs or return_fusion_layers
+        layer_kwargs = dict(deterministic=deterministic, return_layer_output=keep_outputs)
         layer_cls = _stack_layer(EncoderLayer, cfg, cfg.num_encoder_layers, num_args=1)
         if cfg.scan_layers:
             x, layer_outputs = layer_cls(cfg, **layer_kwargs, name="layers")(x, bias)
@@ -461,12 +539,33 @@ class Encoder(nn.Module):
             for i in range(cfg.num_encoder_layers):
                 x, out = layer_cls(cfg, **layer_kwargs, name=f"layers_{i}")(x, bias)
                 outputs.append(out)
-            layer_outputs = jnp.stack(outputs) if return_layer_outputs else None
-        x = RMSNorm(cfg, name="final_norm")(x)
-        encoded = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+            layer_outputs = jnp.stack(outputs) if keep_outputs else None
+        final_norm = RMSNorm(cfg, name="final_norm")
+        dropout = functools.partial(nn.Dropout(cfg.dropout_rate), deterministic=deterministic)
+        encoded = dropout(final_norm(x))
+        fusion_layers = None
+        if return_fusion_layers:
+            # The final norm puts every layer on the scale the decoder expects of its memory
+            # (pre-norm layer outputs grow with depth); the top one equals `encoded`.
+            stack = jnp.concatenate([embedded[None], layer_outputs], axis=0)
+            fusion_layers = dropout(jnp.moveaxis(final_norm(stack), 0, 1))
+            fusion_layers = nn.with_logical_constraint(
+                fusion_layers, ("batch", "layers", "length", "embed")
+            )
         return EncoderOutputs(
-            encoded=encoded, embedded=embedded, mask=mask, layer_outputs=layer_outputs
+            encoded=encoded,
+            embedded=embedded,
+            mask=mask,
+            layer_outputs=layer_outputs if return_layer_outputs else None,
+            fusion_layers=fusion_layers,
         )
+
+
+def coordinated_encoder_layer(decoder_layer: int, num_encoder_layers: int, num_decoder_layers: int):
+    """Layer-wise coordination: the index into `EncoderOutputs.fusion_layers` (0 = embedding)
+    that decoder layer `decoder_layer` (0-based) attends: encoder layer j for decoder layer j
+    at equal depths, proportionally (rounded up) otherwise, so the last attends the last."""
+    return -(-(decoder_layer + 1) * num_encoder_layers // num_decoder_layers)
 
 
 class Decoder(nn.Module):
@@ -474,10 +573,13 @@ class Decoder(nn.Module):
 
     With `decode=True` it runs one step (`tokens` is `[batch, 1]`) at `decode_position`
     against a cache of `max_decode_length` positions, creating the cache on first use.
+    `encoded` is `[batch, length, embed]`, or `EncoderOutputs.fusion_layers` when
+    `encoder_fusion` is not "none" (see `ENCODER_FUSIONS`).
     """
 
     config: T5Config
     shared_embedding: nn.Module
+    encoder_fusion: str = "none"
 
     @nn.compact
     def __call__(
@@ -523,16 +625,34 @@ class Decoder(nn.Module):
         x = self.shared_embedding(tokens)
         x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-        layer_cls = _stack_layer(DecoderLayer, cfg, cfg.num_decoder_layers, num_args=4)
+        coordinated = self.encoder_fusion == "layerwise_coordination"
+        if coordinated:
+            # One memory per decoder layer, stacked on a leading axis: [layers, batch, ...].
+            indices = [
+                coordinated_encoder_layer(i, cfg.num_encoder_layers, cfg.num_decoder_layers)
+                for i in range(cfg.num_decoder_layers)
+            ]
+            encoded = jnp.moveaxis(encoded[:, jnp.asarray(indices)], 1, 0)
+        layer_cls = _stack_layer(
+            DecoderLayer,
+            cfg,
+            cfg.num_decoder_layers,
+            num_args=4,
+            scanned_args=(0,) if coordinated else (),
+        )
         layer_kwargs = dict(
-            deterministic=deterministic, decode=decode, cache_length=max_decode_length
+            deterministic=deterministic,
+            decode=decode,
+            cache_length=max_decode_length,
+            encoder_fusion=self.encoder_fusion,
         )
         args = (encoded, self_bias, cross_bias, decode_position)
         if cfg.scan_layers:
             x, _ = layer_cls(cfg, **layer_kwargs, name="layers")(x, *args)
         else:
             for i in range(cfg.num_decoder_layers):
-                x, _ = layer_cls(cfg, **layer_kwargs, name=f"layers_{i}")(x, *args)
+                layer_args = (encoded[i], *args[1:]) if coordinated else args
+                x, _ = layer_cls(cfg, **layer_kwargs, name=f"layers_{i}")(x, *layer_args)
         x = RMSNorm(cfg, name="final_norm")(x)
         return nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
 
@@ -540,7 +660,10 @@ class Decoder(nn.Module):
 class OutputProjection(nn.Module):
     """Decoder hidden states `[batch, length, embed]` to logits `[batch, length, vocab]`.
 
-    The default output layer; SurfaceFusion replaces it through `T5.output_layer_factory`.
+    The default output layer; SurfaceFusion (`models/fusion.py`) subclasses it, so that its
+    head is this projection, under the same parameter path (`output_layer/logits_dense`).
+    An output layer is called as `(decoder_hidden, encoder_outputs, shared_embedding,
+    deterministic, *, decode, encoder_segment_ids, decoder_segment_ids)`.
     """
 
     config: T5Config
@@ -552,24 +675,38 @@ class OutputProjection(nn.Module):
         encoder_outputs: EncoderOutputs | None,
         shared_embedding: nn.Embed,
         deterministic: bool = True,
+        *,
+        decode: bool = False,
+        encoder_segment_ids: Array | None = None,
+        decoder_segment_ids: Array | None = None,
     ) -> Array:
-        del encoder_outputs, deterministic  # Used by fusion layers, not by the plain head.
+        # The rest is used by fusion layers, not by the plain head.
+        del encoder_outputs, deterministic, decode, encoder_segment_ids, decoder_segment_ids
+        return self._output_head(shared_embedding)(decoder_hidden)
+
+    def _output_head(self, shared_embedding: nn.Embed) -> Callable[[Array], Array]:
+        """`[..., embed] -> float32 [..., vocab]` logits, tied/scaled as the config says. Creates
+        `logits_dense`: call it once, from the compact `__call__`, and apply the result freely."""
         cfg = self.config
-        if cfg.scale_decoder_outputs:
-            decoder_hidden = decoder_hidden * cfg.d_model**-0.5
-        if cfg.tie_word_embeddings:
-            logits = shared_embedding.attend(decoder_hidden)
-        else:
-            logits = nn.DenseGeneral(
+        dense = None
+        if not cfg.tie_word_embeddings:
+            dense = nn.DenseGeneral(
                 cfg.vocab_size,
                 use_bias=False,
                 dtype=cfg.activation_dtype,
                 param_dtype=jnp.float32,
                 kernel_init=_normal(cfg.d_model**-0.5, ("embed", "vocab")),
                 name="logits_dense",
-            )(decoder_hidden)
-        logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
-        return logits.astype(jnp.float32)
+            )
+
+        def head(hidden: Array) -> Array:
+            if cfg.scale_decoder_outputs:
+                hidden = hidden * cfg.d_model**-0.5
+            logits = shared_embedding.attend(hidden) if dense is None else dense(hidden)
+            logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+            return logits.astype(jnp.float32)
+
+        return head
 
 
 # A head receives the encoder outputs and returns any pytree (E2S2's heads, probes, ...).
@@ -583,12 +720,14 @@ class T5(nn.Module):
       `head(encoder_outputs, deterministic=...)` whose result appears in
       `intermediates["heads"][name]`. Heads run in `__call__` only (pretraining).
     output_layer_factory: builds the module mapping decoder states to logits (or to fused
-      log-probabilities, which decoding treats the same way).
+      log-probabilities, which decoding treats the same way), as `factory(config, name=...)`.
+    encoder_fusion: what each decoder layer cross-attends, one of `ENCODER_FUSIONS`.
     """
 
     config: T5Config
     encoder_heads: Sequence[tuple[str, HeadFactory]] = ()
     output_layer_factory: Callable[..., nn.Module] = OutputProjection
+    encoder_fusion: str = "none"
 
     def setup(self):
         cfg = self.config
@@ -600,8 +739,14 @@ class T5(nn.Module):
             embedding_init=_normal(1.0, ("vocab", "embed")),
             name="token_embedder",
         )
+        if self.encoder_fusion not in ENCODER_FUSIONS:
+            raise ValueError(
+                f"T5.encoder_fusion={self.encoder_fusion!r}: use one of {ENCODER_FUSIONS}."
+            )
         self.encoder = Encoder(cfg, self.shared_embedding, name="encoder")
-        self.decoder = Decoder(cfg, self.shared_embedding, name="decoder")
+        self.decoder = Decoder(
+            cfg, self.shared_embedding, encoder_fusion=self.encoder_fusion, name="decoder"
+        )
         self.output_layer = self.output_layer_factory(cfg, name="output_layer")
         self.heads = {
             name: factory(cfg, name=f"head_{name}") for name, factory in self.encoder_heads
@@ -621,6 +766,7 @@ class T5(nn.Module):
             encoder_segment_ids,
             deterministic=not enable_dropout,
             return_layer_outputs=return_layer_outputs,
+            return_fusion_layers=self.encoder_fusion != "none",
         )
 
     def decode(
@@ -646,9 +792,12 @@ class T5(nn.Module):
         decoder_valid = None
         if decoder_target_tokens is not None:
             decoder_valid = decoder_target_tokens != self.config.pad_id
+        memory = encoder_outputs.encoded
+        if self.encoder_fusion != "none":
+            memory = encoder_outputs.fusion_layers
         hidden = self.decoder(
             decoder_input_tokens,
-            encoder_outputs.encoded,
+            memory,
             encoder_outputs.mask,
             decoder_valid,
             encoder_segment_ids,
@@ -659,7 +808,13 @@ class T5(nn.Module):
             max_decode_length=max_decode_length,
         )
         return self.output_layer(
-            hidden, encoder_outputs, self.shared_embedding, deterministic=not enable_dropout
+            hidden,
+            encoder_outputs,
+            self.shared_embedding,
+            deterministic=not enable_dropout,
+            decode=decode,
+            encoder_segment_ids=encoder_segment_ids,
+            decoder_segment_ids=decoder_segment_ids,
         )
 
     def __call__(

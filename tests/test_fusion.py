@@ -1,0 +1,498 @@
+"""SurfaceFusion and the EncoderFusion baselines: formulas against NumPy, stop-gradients, the
+zero-init identity, cached decoding, Gin files, and a tiny model that learns with each."""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import re
+from collections import Counter
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+from flax import traverse_util
+
+from e2s2_jax.decoding import DecodeConfig, make_predict_fn
+from e2s2_jax.models.fusion import (
+    FUSION_MODES,
+    ResidualFeedForward,
+    SurfaceFusion,
+    fuse_log_probs,
+)
+from e2s2_jax.models.t5 import ENCODER_FUSIONS, T5, T5Config
+
+REPO = Path(__file__).resolve().parents[1]
+BASELINES = tuple(f for f in ENCODER_FUSIONS if f != "none")
+TINY = T5Config(
+    vocab_size=50,
+    d_model=32,
+    num_heads=4,
+    d_kv=8,
+    d_ff=64,
+    num_encoder_layers=2,
+    num_decoder_layers=3,
+    relative_attention_num_buckets=8,
+    relative_attention_max_distance=12,
+)
+
+
+def fusion_model(config: T5Config = TINY, **fusion_kwargs) -> T5:
+    return T5(config, output_layer_factory=functools.partial(SurfaceFusion, **fusion_kwargs))
+
+
+def tokens(seed: int, shape=(3, 11), pad_from: int | None = 6) -> jax.Array:
+    array = np.random.RandomState(seed).randint(2, 50, shape).astype(np.int32)
+    if pad_from is not None:
+        array[1, pad_from:] = 0
+    return jnp.asarray(array)
+
+
+def init_params(model: T5, encoder_tokens, decoder_tokens, seed: int = 0):
+    return nn.unbox(model.init(jax.random.PRNGKey(seed), encoder_tokens, decoder_tokens)["params"])
+
+
+def randomize(params, path: tuple[str, ...], seed: int, scale: float = 0.3):
+    """A copy of `params` whose leaf at `path` is random (e.g. W2, which starts at zero)."""
+    flat = traverse_util.flatten_dict(params)
+    flat[path] = scale * jax.random.normal(jax.random.PRNGKey(seed), flat[path].shape)
+    return traverse_util.unflatten_dict(flat)
+
+
+# ----------------------------------------------------------------------------- NumPy references
+
+
+def np_log_softmax(x):
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def np_fuse(mode, z_dec, z_src, lam, tau, gate=None):
+    if mode == "hard":
+        return lam * np_log_softmax(z_dec) + (1 - lam) * np_log_softmax(z_src)
+    if mode == "gate":
+        g = gate[..., None]
+        return g * np_log_softmax(z_dec) + (1 - g) * np_log_softmax(z_src)
+    if mode == "soft":
+        return np_log_softmax(z_dec + np_log_softmax(tau * z_src))
+    return np_log_softmax(np_log_softmax(z_dec) + np_log_softmax(tau * z_src))
+
+
+def np_surface_fusion(params, embedding, hidden, encoded, encoder_tokens, mode, lam, tau):
+    """The whole output layer in float64 NumPy, from its parameters and inputs."""
+    p = jax.tree.map(lambda x: np.asarray(x, np.float64), params)
+    attention, ffn = p["surface_attention"], p["residual_ffn"]
+    source_embedded = np.asarray(embedding, np.float64)[np.asarray(encoder_tokens)]
+    query = hidden @ attention["query"]["kernel"]
+    key = encoded @ attention["key"]["kernel"]
+    value = source_embedded @ attention["value"]["kernel"]
+    scores = np.einsum("bqk,bsk->bqs", query, key)
+    scores = np.where((np.asarray(encoder_tokens) != 0)[:, None, :], scores, -np.inf)
+    weights = np.exp(scores - scores.max(-1, keepdims=True))
+    weights /= weights.sum(-1, keepdims=True)
+    surface = (weights @ value) @ attention["out"]["kernel"]
+
+    def f(z):
+        return z + np.maximum(z @ ffn["wi"]["kernel"], 0) @ ffn["wo"]["kernel"]
+
+    f_dec, f_src = f(hidden), f(surface)
+    head = p["logits_dense"]["kernel"]
+    gate = None
+    if mode == "gate":
+        w = p["gate"]
+        gate = 1 / (1 + np.exp(-(f_dec @ w["decoder_weights"] + f_src @ w["source_weights"])))
+    return np_fuse(mode, f_dec @ head, f_src @ head, lam, tau, gate)
+
+
+# ----------------------------------------------------------------------------- formulas
+
+
+@pytest.mark.parametrize("mode", FUSION_MODES)
+def test_fusion_formula_matches_numpy(mode):
+    rng = np.random.RandomState(0)
+    z_dec, z_src = rng.randn(2, 4, 5, 97) * 3
+    gate = 1 / (1 + np.exp(-rng.randn(4, 5)))
+    lam, tau = 0.7, 0.6
+    fused = fuse_log_probs(
+        mode,
+        jnp.asarray(z_dec, jnp.float32),
+        jnp.asarray(z_src, jnp.float32),
+        lam=lam,
+        tau=tau,
+        gate=jnp.asarray(gate, jnp.float32),
+    )
+    expected = np_fuse(mode, z_dec, z_src, lam, tau, gate)
+    np.testing.assert_allclose(fused, expected, rtol=1e-6, atol=1e-6)
+    if mode in ("soft", "postnorm"):  # Normalised: the cross-entropy's logsumexp is 0.
+        np.testing.assert_allclose(jax.nn.logsumexp(fused, -1), 0.0, atol=1e-6)
+    else:  # A geometric mixture: logsumexp <= 0, equal only where the two agree.
+        assert np.all(np.asarray(jax.nn.logsumexp(fused, -1)) < 0)
+
+
+@pytest.mark.parametrize("mode", FUSION_MODES)
+def test_surface_fusion_layer_matches_numpy(mode):
+    """The output layer end to end (attention over padded source, f, head, fusion)."""
+    model = fusion_model(mode=mode, lam=0.7, tau=0.6)
+    encoder_tokens, decoder_tokens = tokens(0), tokens(1, (3, 7), pad_from=None)
+    params = init_params(model, encoder_tokens, decoder_tokens)
+    params = randomize(params, ("output_layer", "residual_ffn", "wo", "kernel"), seed=1)
+    if mode == "gate":
+        params = randomize(params, ("output_layer", "gate", "decoder_weights"), seed=2)
+        params = randomize(params, ("output_layer", "gate", "source_weights"), seed=3)
+    fused, state = model.apply(
+        {"params": params}, encoder_tokens, decoder_tokens, mutable=["intermediates"]
+    )
+    encoder_outputs = model.apply({"params": params}, encoder_tokens, method=T5.encode)
+    hidden = model.apply(
+        {"params": params},
+        decoder_tokens,
+        encoder_outputs.encoded,
+        encoder_outputs.mask,
+        method=lambda m, *a: m.decoder(*a),
+    )
+    expected = np_surface_fusion(
+        params["output_layer"],
+        params["token_embedder"]["embedding"],
+        np.asarray(hidden, np.float64),
+        np.asarray(encoder_outputs.encoded, np.float64),
+        encoder_tokens,
+        mode,
+        lam=0.7,
+        tau=0.6,
+    )
+    np.testing.assert_allclose(fused, expected, rtol=1e-5, atol=1e-5)
+    assert "source_logits" in state["intermediates"]["output_layer"]
+
+
+def test_unknown_mode_is_rejected():
+    model = fusion_model(mode="mixture")
+    with pytest.raises(ValueError, match="mode"):
+        init_params(model, tokens(0), tokens(1, (3, 4)))
+    with pytest.raises(ValueError, match="encoder_fusion"):
+        init_params(T5(TINY, encoder_fusion="dense"), tokens(0), tokens(1, (3, 4)))
+
+
+# ----------------------------------------------------------------------------- gradients
+
+
+def test_source_path_gradients_reach_only_the_embeddings_through_the_values():
+    """A loss of z_src alone: zero gradient for every encoder and decoder parameter (queries
+    and keys are stopped), non-zero for the embedding rows of the (non-pad) source tokens."""
+    model = fusion_model(mode="hard")
+    encoder_tokens = jnp.asarray([[5, 6, 7, 8, 1, 0, 0], [9, 10, 11, 1, 0, 0, 0]], jnp.int32)
+    decoder_tokens = jnp.asarray([[0, 20, 21, 22], [0, 23, 24, 25]], jnp.int32)
+    params = init_params(model, encoder_tokens, decoder_tokens)
+    params = randomize(params, ("output_layer", "residual_ffn", "wo", "kernel"), seed=1)
+
+    def source_loss(params):
+        _, state = model.apply(
+            {"params": params}, encoder_tokens, decoder_tokens, mutable=["intermediates"]
+        )
+        source_logits = state["intermediates"]["output_layer"]["source_logits"][0]
+        return -jnp.mean(jax.nn.log_softmax(source_logits)[..., 3])
+
+    grads = jax.grad(source_loss)(params)
+    for stack in ("encoder", "decoder"):
+        for path, grad in traverse_util.flatten_dict(grads[stack]).items():
+            assert np.all(np.asarray(grad) == 0), (stack, path)
+    for path, grad in traverse_util.flatten_dict(grads["output_layer"]).items():
+        assert np.any(np.asarray(grad) != 0), path
+    rows_with_gradient = np.flatnonzero(np.abs(grads["token_embedder"]["embedding"]).sum(1))
+    np.testing.assert_array_equal(rows_with_gradient, [1, 5, 6, 7, 8, 9, 10, 11])
+
+    # The fused loss, in contrast, trains the encoder and decoder through z_dec.
+    def fused_loss(params):
+        fused = model.apply({"params": params}, encoder_tokens, decoder_tokens)
+        return -jnp.mean(fused[..., 3])
+
+    fused_grads = jax.grad(fused_loss)(params)
+    assert np.any(np.asarray(fused_grads["decoder"]["final_norm"]["scale"]) != 0)
+
+
+# ----------------------------------------------------------------------------- identities
+
+
+def test_zero_initialised_w2_makes_f_the_identity():
+    features = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 32))
+    ffn = ResidualFeedForward(TINY)
+    params = nn.unbox(ffn.init(jax.random.PRNGKey(1), features)["params"])
+    assert np.all(np.asarray(params["wo"]["kernel"]) == 0)
+    assert np.any(np.asarray(params["wi"]["kernel"]) != 0)
+    np.testing.assert_array_equal(ffn.apply({"params": params}, features), features)
+    trained = randomize(params, ("wo", "kernel"), seed=2)
+    assert not np.allclose(ffn.apply({"params": trained}, features), features, atol=1e-3)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_hard_fusion_with_lam_1_equals_the_plain_model(tie):
+    """A plain model's params, with the fusion's new params added (as fine-tuning from an
+    imported T5 does): log_softmax of the plain logits, and the plain param paths unchanged."""
+    config = T5Config(**{**TINY.__dict__, "tie_word_embeddings": tie, "scale_decoder_outputs": tie})
+    encoder_tokens, decoder_tokens = tokens(2), tokens(3, (3, 6), pad_from=None)
+    plain = T5(config)
+    plain_params = init_params(plain, encoder_tokens, decoder_tokens, seed=0)
+    fused_model = fusion_model(config, mode="hard", lam=1.0)
+    fusion_params = init_params(fused_model, encoder_tokens, decoder_tokens, seed=1)
+    plain_flat = traverse_util.flatten_dict(plain_params)
+    fusion_flat = traverse_util.flatten_dict(fusion_params)
+    assert set(plain_flat) <= set(fusion_flat)
+    new = {path[:2] for path in set(fusion_flat) - set(plain_flat)}
+    assert new == {("output_layer", "surface_attention"), ("output_layer", "residual_ffn")}
+    if not tie:
+        assert ("output_layer", "logits_dense", "kernel") in plain_flat
+    merged = traverse_util.unflatten_dict({**fusion_flat, **plain_flat})
+
+    plain_logits = plain.apply({"params": plain_params}, encoder_tokens, decoder_tokens)
+    fused = fused_model.apply({"params": merged}, encoder_tokens, decoder_tokens)
+    np.testing.assert_allclose(fused, jax.nn.log_softmax(plain_logits), rtol=1e-6, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- decoding
+
+
+def _cached_steps(model, params, encoder_tokens, decoder_tokens):
+    """Per-step outputs of cached, teacher-forced decoding: `[batch, length, vocab]`."""
+    length = decoder_tokens.shape[1]
+    encoder_outputs = model.apply({"params": params}, encoder_tokens, method=T5.encode)
+
+    @jax.jit
+    def step(cache, step_tokens, position):
+        variables = {"params": params, **({"cache": cache} if cache is not None else {})}
+        logits, updated = model.apply(
+            variables,
+            encoder_outputs,
+            step_tokens[:, None],
+            decode=True,
+            decode_position=position,
+            max_decode_length=length,
+            mutable=["cache"],
+            method=T5.decode,
+        )
+        return logits[:, 0], updated["cache"]
+
+    _, cache = jax.jit(lambda t, p: step(None, t, p))(decoder_tokens[:, 0], jnp.int32(0))
+    outputs = []
+    for position in range(length):
+        logits, cache = step(cache, decoder_tokens[:, position], jnp.int32(position))
+        outputs.append(logits)
+    return jnp.stack(outputs, 1), cache
+
+
+@pytest.mark.parametrize(
+    "variant,scan",
+    [(f"fusion:{m}", False) for m in FUSION_MODES]
+    + [("fusion:gate", True)]
+    + [(b, scan) for b in BASELINES for scan in (False, True)],
+)
+def test_cached_decoding_equals_the_full_decoder(variant, scan):
+    config = T5Config(**{**TINY.__dict__, "scan_layers": scan})
+    if variant.startswith("fusion:"):
+        model = fusion_model(config, mode=variant.split(":")[1], lam=0.6, tau=0.8)
+    else:
+        model = T5(config, encoder_fusion=variant)
+    encoder_tokens = tokens(4)
+    decoder_tokens = tokens(5, (3, 14), pad_from=None).at[:, 0].set(0)
+    params = init_params(model, encoder_tokens, decoder_tokens)
+    if variant.startswith("fusion:"):
+        params = randomize(params, ("output_layer", "residual_ffn", "wo", "kernel"), seed=1)
+    else:  # Non-uniform layer weights, so that the layer choice matters.
+        params = randomize_layer_scores(params, scale=1.0)
+    full = model.apply({"params": params}, encoder_tokens, decoder_tokens)
+    cached, cache = _cached_steps(model, params, encoder_tokens, decoder_tokens)
+    np.testing.assert_allclose(cached, full, rtol=1e-5, atol=1e-5)
+    if variant.startswith("fusion:"):  # The source keys/values are cached once.
+        source_key = cache["output_layer"]["surface_attention"]["source_key"]
+        assert source_key.shape == (3, 11, 32)
+
+
+@pytest.mark.parametrize("mode", ["hard", "soft"])
+def test_beam_search_and_greedy_run_with_fusion(mode):
+    model = fusion_model(mode=mode)
+    encoder_tokens = tokens(6)
+    params = init_params(model, encoder_tokens, encoder_tokens[:, :4])
+    params = randomize(params, ("output_layer", "residual_ffn", "wo", "kernel"), seed=1)
+    greedy = make_predict_fn(model, DecodeConfig("greedy", max_decode_length=8))(
+        params, encoder_tokens
+    )
+    beam = make_predict_fn(
+        model,
+        DecodeConfig(
+            "beam", max_decode_length=8, num_beams=3, length_penalty=0.0, stop_bound="max_length"
+        ),
+    )(params, encoder_tokens)
+    assert beam.tokens.shape == (3, 3, 8)
+    assert np.all(np.isfinite(np.asarray(beam.scores)))
+    assert np.all(np.asarray(beam.scores[:, 0]) >= np.asarray(greedy.scores) - 1e-5)
+
+    # Greedy picks the argmax of the fused distribution, step by step (uncached reference).
+    decoder = jnp.zeros((3, 1), jnp.int32)
+    for _ in range(8):
+        fused = model.apply({"params": params}, encoder_tokens, decoder)[:, -1]
+        decoder = jnp.concatenate([decoder, jnp.argmax(fused, -1)[:, None]], 1)
+    reference = np.asarray(decoder[:, 1:])
+    ended = np.cumsum(np.cumsum(reference == 1, 1), 1) > 1
+    np.testing.assert_array_equal(greedy.tokens, np.where(ended, 0, reference))
+
+
+# ----------------------------------------------------------------------------- baselines
+
+
+def randomize_layer_scores(params, scale: float = 1.0, top_only: float | None = None):
+    """Random `layer_scores` (or, with `top_only`, `top_only` on the last layer, 0 elsewhere)."""
+    flat = traverse_util.flatten_dict(params)
+    for i, path in enumerate(sorted(p for p in flat if p[-1] == "layer_scores")):
+        shape = flat[path].shape
+        if top_only is None:
+            flat[path] = scale * jax.random.normal(jax.random.PRNGKey(i), shape)
+        else:
+            flat[path] = jnp.zeros(shape).at[-1].set(top_only)
+    return traverse_util.unflatten_dict(flat)
+
+
+def test_layerwise_coordination_maps_equal_depths_one_to_one():
+    from e2s2_jax.models.t5 import coordinated_encoder_layer
+
+    assert [coordinated_encoder_layer(j, 4, 4) for j in range(4)] == [1, 2, 3, 4]
+    assert [coordinated_encoder_layer(j, 2, 4) for j in range(4)] == [1, 1, 2, 2]
+    assert [coordinated_encoder_layer(j, 4, 2) for j in range(2)] == [2, 4]
+
+
+@pytest.mark.parametrize("baseline", ["layer_attention", "fine_grained_layer_attention"])
+def test_layer_attention_on_the_top_layer_only_equals_the_plain_model(baseline):
+    """All softmax weight on the last encoder layer: every decoder layer's memory is the
+    encoder's final output, as in T5. (Uniform at init: the layers are averaged.)"""
+    encoder_tokens, decoder_tokens = tokens(8), tokens(9, (3, 5), pad_from=None)
+    model = T5(TINY, encoder_fusion=baseline)
+    params = init_params(model, encoder_tokens, decoder_tokens)
+    scores = params["decoder"]["layers_0"]["encoder_layer_attention"]["layer_scores"]
+    expected_shape = (3,) if baseline == "layer_attention" else (3, 32)
+    assert scores.shape == expected_shape and np.all(np.asarray(scores) == 0)
+    plain = T5(TINY)
+    plain_params = {**params, "decoder": dict(params["decoder"])}
+    for name, layer in plain_params["decoder"].items():
+        if name.startswith("layers_"):
+            plain_params["decoder"][name] = {
+                k: v for k, v in layer.items() if k != "encoder_layer_attention"
+            }
+    expected = plain.apply({"params": plain_params}, encoder_tokens, decoder_tokens)
+    focused = randomize_layer_scores(params, top_only=1e4)
+    np.testing.assert_allclose(
+        model.apply({"params": focused}, encoder_tokens, decoder_tokens),
+        expected,
+        rtol=1e-6,
+        atol=1e-6,
+    )
+    averaged = model.apply({"params": params}, encoder_tokens, decoder_tokens)
+    assert not np.allclose(averaged, expected, atol=1e-3)
+
+
+# ----------------------------------------------------------------------------- Gin
+
+
+GIN_FILES = sorted(
+    str(p.relative_to(REPO))
+    for pattern in ("surface_fusion*.gin", "encoder_fusion*.gin")
+    for p in (REPO / "gin" / "models").glob(pattern)
+)
+
+
+@pytest.mark.parametrize("gin_file", GIN_FILES)
+def test_gin_file_builds_and_inits_the_tiny_model(gin_file):
+    gin = pytest.importorskip("gin")
+    import e2s2_jax.configurables  # noqa: F401
+
+    gin.clear_config()
+    try:
+        gin.parse_config_files_and_bindings(
+            [str(REPO / "gin/models/t5_1_1_tiny.gin"), str(REPO / gin_file)],
+            ["T5.config = %MODEL_CONFIG"],
+        )
+        model = gin.get_configurable("e2s2_jax.T5")()
+        encoder_tokens, decoder_tokens = jnp.ones((2, 6), jnp.int32), jnp.ones((2, 3), jnp.int32)
+        params = init_params(model, encoder_tokens, decoder_tokens)
+        output = model.apply({"params": params}, encoder_tokens, decoder_tokens)
+    finally:
+        gin.clear_config()
+    assert output.shape == (2, 3, 8192)
+    assert model.config.d_model == 64
+    paths = {"/".join(path) for path in traverse_util.flatten_dict(params)}
+    assert "output_layer/logits_dense/kernel" in paths
+    if "surface_fusion" in gin_file:
+        assert "output_layer/surface_attention/value/kernel" in paths
+        mode = Path(gin_file).stem.removeprefix("surface_fusion").strip("_")
+        assert ("output_layer/gate/decoder_weights" in paths) == (mode == "gate")
+    else:
+        baseline = Path(gin_file).stem.removeprefix("encoder_fusion_")
+        assert model.encoder_fusion == baseline
+        has_scores = any("layer_scores" in p for p in paths)
+        assert has_scores == (baseline != "layerwise_coordination")
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def restore_task_batches(num_batches: int, batch_size: int = 16, length: int = 12, seed: int = 0):
+    """A small seq2seq task from the bundled corpus: restore a sentence in which a quarter of
+    the words were replaced by a mask token. Words are the corpus's 250 most frequent (others
+    map to one unknown id); ids: 0 pad, 1 eos, 2 mask, 3 unknown."""
+    with gzip.open(REPO / "data/corpus/train.txt.gz", "rt") as corpus:
+        words = re.findall(r"[a-z]+", " ".join(corpus.readline() for _ in range(400)).lower())
+    vocab = {w: i + 4 for i, (w, _) in enumerate(Counter(words).most_common(250))}
+    ids = np.array([vocab.get(w, 3) for w in words], np.int32)
+    rng = np.random.default_rng(seed)
+    batches = []
+    for _ in range(num_batches):
+        starts = rng.integers(0, len(ids) - length, batch_size)
+        targets = np.stack([ids[s : s + length - 1] for s in starts])
+        targets = np.concatenate([targets, np.ones((batch_size, 1), np.int32)], 1)
+        masked = (rng.random(targets.shape) < 0.25) & (targets != 1)
+        batches.append(
+            {
+                "encoder_input_tokens": np.where(masked, 2, targets).astype(np.int32),
+                "decoder_input_tokens": np.concatenate(
+                    [np.zeros((batch_size, 1), np.int32), targets[:, :-1]], 1
+                ),
+                "decoder_target_tokens": targets,
+            }
+        )
+    return batches
+
+
+TRAIN_VARIANTS = [f"fusion:{m}" for m in FUSION_MODES] + list(BASELINES)
+
+
+@pytest.mark.parametrize("variant", TRAIN_VARIANTS)
+def test_tiny_model_learns_to_restore_sentences(variant):
+    from e2s2_jax.objectives import Seq2SeqObjective
+    from e2s2_jax.training import optimizers, partitioning
+    from e2s2_jax.training.train_state import init_train_state
+    from e2s2_jax.training.train_step import make_train_step
+
+    config = T5Config(
+        vocab_size=256,
+        d_model=32,
+        num_heads=2,
+        d_kv=16,
+        d_ff=64,
+        num_encoder_layers=2,
+        num_decoder_layers=2,
+        dropout_rate=0.1,
+    )
+    if variant.startswith("fusion:"):
+        model = fusion_model(config, mode=variant.split(":")[1])
+    else:
+        model = T5(config, encoder_fusion=variant)
+    optimizer = optimizers.make_optimizer("adamw_rms_scaled", 3e-2)
+    mesh = partitioning.create_mesh(devices=jax.devices()[:1])
+    state, shardings = init_train_state(model, optimizer, mesh, jax.random.key(0))
+    step = make_train_step(model, optimizer, Seq2SeqObjective(), mesh, state_shardings=shardings)
+    losses = []
+    for i, batch in enumerate(restore_task_batches(40)):
+        state, metrics = step(state, batch, jax.random.key(i))
+        losses.append(float(metrics["cross_entropy"]))
+    assert np.all(np.isfinite(losses))
+    first, last = np.mean(losses[:3]), np.mean(losses[-3:])
+    assert last < first - 1.0, (first, last)
