@@ -3,6 +3,13 @@
 The algorithms only see `tokens_to_logits(tokens [n], cache, step) -> (logits [n, vocab], cache)`
 and a `reorder_cache(cache, indices [n])`; `predict_batch` wires them to a `T5` model.
 Returned tokens exclude the decoder start token; positions after eos hold `pad_id`.
+
+With SurfaceFusion (`models/fusion.py`) the model returns fused log-probability scores instead
+of logits; every method treats them as logits, so greedy, beam search and sampling all score
+with `log_softmax(fused)`, the distribution the training loss uses (for the "soft" and
+"postnorm" modes this is the fused score itself; for "hard" and "gate" the renormalised
+geometric mixture, with the same argmax). The source keys and values of its surface attention
+are cached once per decode, like cross-attention's.
 """
 
 from __future__ import annotations
@@ -230,7 +237,8 @@ def beam_search(
 def reorder_t5_cache(cache: Cache, indices: Array) -> Cache:
     """Gathers self-attention caches along their batch axis (second to the heads/kv/length
     triple, so it works with and without a leading scanned-layer axis); cross-attention caches
-    are identical across the beams of a row and are left alone."""
+    (and SurfaceFusion's `source_key`/`source_value`) are identical across the beams of a row
+    and are left alone."""
 
     def reorder(path, leaf):
         name = jax.tree_util.keystr(path[-1:])
