@@ -6,6 +6,7 @@
         --gin.TASK_FEATURE_LENGTHS="{'inputs': 128, 'targets': 32}" --gin.TRAIN_STEPS=1000
     python -m e2s2_jax.main eval  ... (same Gin files; `gin/runs/eval.gin`)
     python -m e2s2_jax.main infer ... (`gin/runs/infer.gin`; a task split or a text file)
+    python -m e2s2_jax.main ssr-generate ... (`gin/runs/ssr_generate.gin`; SSR's generation job)
     python -m e2s2_jax.main convert {import,export} ...   (Hugging Face <-> params; see --help)
 
 Flags: `--gin_file` (repeatable; looked up in `--gin_search_paths`, default `gin/` and the
@@ -27,11 +28,10 @@ from collections.abc import Iterator, Mapping, Sequence
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import gin  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-
-import gin  # noqa: E402
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_SEARCH_PATHS = (os.path.join(REPO_ROOT, "gin"), REPO_ROOT)
@@ -39,6 +39,7 @@ REQUIRED_MACROS = {
     "train": ("MODEL_DIR", "MIXTURE_OR_TASK_NAME", "TASK_FEATURE_LENGTHS", "TRAIN_STEPS"),
     "eval": ("MODEL_DIR", "MIXTURE_OR_TASK_NAME", "TASK_FEATURE_LENGTHS"),
     "infer": ("MODEL_DIR", "TASK_FEATURE_LENGTHS"),
+    "ssr-generate": (),  # its Gin file marks its own macros %gin.REQUIRED
 }
 
 
@@ -68,7 +69,7 @@ def parse_flags(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("mode", choices=("train", "eval", "infer"))
+    parser.add_argument("mode", choices=("train", "eval", "infer", "ssr-generate"))
     parser.add_argument("--gin_file", action="append", default=[])
     parser.add_argument("--gin_bindings", action="append", default=[])
     parser.add_argument(
@@ -128,6 +129,14 @@ def parse_gin(mode: str, gin_files: Sequence[str], bindings: Sequence[str], sear
     finally:
         logging.getLogger().removeFilter(quiet)
     missing = [name for name in REQUIRED_MACROS[mode] if _macro_unbound(name)]
+    # Any other macro a Gin file marks `%gin.REQUIRED` (e.g. finetune.gin's INITIAL_CHECKPOINT).
+    missing += sorted(
+        scope
+        for (scope, selector), values in gin.config._CONFIG.items()  # noqa: SLF001
+        if selector.endswith("macro")
+        and scope not in missing
+        and repr(values.get("value")) == "%gin.REQUIRED"
+    )
     if missing:
         examples = {
             "MODEL_DIR": '--gin.MODEL_DIR=\\"/path/to/run\\"',
@@ -137,7 +146,8 @@ def parse_gin(mode: str, gin_files: Sequence[str], bindings: Sequence[str], sear
         }
         raise ConfigError(
             f"Missing required Gin macro(s) {missing} for `{mode}`: bind them in a Gin file or "
-            "on the command line, e.g. " + " ".join(examples[name] for name in missing)
+            "on the command line, e.g. "
+            + " ".join(examples.get(name, f"--gin.{name}=...") for name in missing)
         )
 
 
@@ -842,7 +852,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         initialize_distributed(args)  # before anything touches a JAX backend
         parse_gin(args.mode, args.gin_file, bindings, args.gin_search_paths)
-        {"train": train, "eval": evaluate, "infer": infer}[args.mode]()
+        if args.mode == "ssr-generate":
+            from e2s2_jax.ssr.job import ssr_generate  # the SSR span-generation job
+
+            ssr_generate()
+        else:
+            {"train": train, "eval": evaluate, "infer": infer}[args.mode]()
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -13,6 +13,7 @@ from tasks.bundled import (
     try_register_bundled_tasks,
 )
 from tasks.c4 import C4_TASKS, register_c4_tasks
+from tasks.finetune import RESTORE_CASE_TASK, register_finetune_tasks
 from tasks.registration import (
     register_mixture,
     register_ssr_task,
@@ -24,13 +25,16 @@ __all__ = [
     "BUNDLED_MIXTURES",
     "BUNDLED_TASKS",
     "C4_TASKS",
+    "RESTORE_CASE_TASK",
     "register_bundled_tasks",
     "register_c4_tasks",
+    "register_finetune_tasks",
     "register_mixture",
     "register_ssr_task",
     "register_text_task",
     "register_tfds_task",
 ]
 
-try_register_bundled_tasks()
+if try_register_bundled_tasks():
+    register_finetune_tasks()
 register_c4_tasks()

@@ -119,7 +119,8 @@ class Throughput:
 def progress_line(step: int, total_steps: int, scalars: Mapping[str, float]) -> str:
     """`step 120/1000 | loss 4.812 cross_entropy 4.80 ... | lr 1.0e-02 | 5.3k tok/s | ...`."""
     skip = {"learning_rate", "steps_per_second", "tokens_per_second", "mfu", "eta_seconds"}
-    terms = " ".join(f"{name} {value:.4g}" for name, value in scalars.items() if name not in skip)
+    names = sorted((n for n in scalars if n not in skip), key=lambda n: (n != "loss", n))
+    terms = " ".join(f"{name} {scalars[name]:.4g}" for name in names)
     parts = [f"step {step}/{total_steps}", terms]
     if "learning_rate" in scalars:
         parts.append(f"lr {scalars['learning_rate']:.2e}")
