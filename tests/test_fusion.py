@@ -496,3 +496,25 @@ def test_tiny_model_learns_to_restore_sentences(variant):
     assert np.all(np.isfinite(losses))
     first, last = np.mean(losses[:3]), np.mean(losses[-3:])
     assert last < first - 1.0, (first, last)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_fusion_params_have_shardable_logical_axes(scan):
+    """Every new parameter has logical axes the partitioning rules can map (a scanned layer's
+    encoder-layer axis must not reuse the name "layers" of the scan axis)."""
+    from e2s2_jax.training import optimizers, partitioning
+    from e2s2_jax.training.train_state import train_state_shardings
+
+    config = T5Config(**{**TINY.__dict__, "scan_layers": scan})
+    mesh = partitioning.create_mesh(devices=jax.devices()[:1])
+    optimizer = optimizers.make_optimizer("adafactor", 1e-3)
+    for model in (
+        T5(config, encoder_fusion="fine_grained_layer_attention"),
+        fusion_model(config, mode="gate"),
+    ):
+        _, shardings = train_state_shardings(model, optimizer, mesh)
+        flat = traverse_util.flatten_dict(shardings.params)
+        new = [p for p in flat if "encoder_layer_attention" in p or p[0] == "output_layer"]
+        assert len(new) >= 2
+        for path in new:
+            assert len(flat[path].spec) <= 4, path

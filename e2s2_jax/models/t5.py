@@ -381,9 +381,9 @@ class EncoderLayerAttention(nn.Module):
     @nn.compact
     def __call__(self, encoder_layers: Array) -> Array:
         num_layers, d_model = encoder_layers.shape[1], encoder_layers.shape[-1]
-        shape, axes = (num_layers,), ("layers",)
+        shape, axes = (num_layers,), ("encoder_layers",)
         if self.fine_grained:
-            shape, axes = (num_layers, d_model), ("layers", "embed")
+            shape, axes = (num_layers, d_model), ("encoder_layers", "embed")
         scores = self.param(
             "layer_scores", nn.with_logical_partitioning(nn.initializers.zeros, axes), shape
         )
