@@ -23,7 +23,7 @@ SMALL_RUN = [
     "--gin.BATCH_SIZE=8",
     "--gin.train.log_every=1",
     "--gin.train.eval_every=0",
-    "--gin.optax.warmup_cosine_decay_schedule.warmup_steps=2",
+    "--gin.optax.warmup_cosine_decay_schedule.warmup_steps=1",
 ]
 
 
@@ -238,3 +238,77 @@ def test_train_eval_infer_outputs(tmp_path):
     ]
     assert [r["input"] for r in records] == inputs.read_text().splitlines()
     assert all(isinstance(r["prediction"], str) and np.isfinite(r["score"]) for r in records)
+
+
+def test_initial_checkpoint_fills_new_heads_and_fine_tuning_drops_them(tmp_path):
+    pretrained = tmp_path / "pretrained"
+    _run("train", pretrained, "--gin.TRAIN_STEPS=2")
+    # Continued pretraining with E2S2 adds the denoising head: filled from its initializer.
+    e2s2 = tmp_path / "e2s2"
+    result = _run(
+        "train",
+        e2s2,
+        "--gin_file=gin/objectives/e2s2.gin",
+        '--gin.MIXTURE_OR_TASK_NAME="bundled_e2s2"',
+        "--gin.TRAIN_STEPS=2",
+        f'--gin.train.initial_checkpoint="{pretrained}"',
+    )
+    assert f"initialised from {pretrained}" in result.stdout
+    assert "keep their initial values: head_denoise/" in result.stdout, result.stdout
+    # Fine-tuning from the E2S2 run: its head is in the checkpoint but not in the model.
+    finetuned = tmp_path / "finetuned"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "e2s2_jax.main",
+            "train",
+            "--gin_file=gin/models/t5_1_1_tiny.gin",
+            "--gin_file=gin/runs/finetune.gin",
+            f'--gin.MODEL_DIR="{finetuned}"',
+            f'--gin.INITIAL_CHECKPOINT="{e2s2}"',
+            '--gin.MIXTURE_OR_TASK_NAME="bundled_restore_case"',
+            "--gin.TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': 32}",
+            "--gin.TRAIN_STEPS=2",
+            "--gin.BATCH_SIZE=4",
+            "--gin.train.eval_every=0",
+        ],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "checkpoint entries unused by this model: head_denoise/" in result.stdout
+    assert "not in the checkpoint" not in result.stdout  # every model parameter came from it
+    params = _final_params(finetuned, 2)
+    assert not any("head_" in name for name in params)
+
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "e2s2_jax.main",
+            "eval",
+            "--gin_file=gin/models/t5_1_1_tiny.gin",
+            "--gin_file=gin/runs/eval.gin",
+            f'--gin.MODEL_DIR="{finetuned}"',
+            '--gin.MIXTURE_OR_TASK_NAME="bundled_restore_case"',
+            "--gin.TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': 32}",
+            "--gin.BATCH_SIZE=4",
+            "--gin.evaluate.eval_batches=1",
+            "--gin.evaluate.max_decode_examples=4",
+            "--gin.DecodeConfig.max_decode_length=8",
+        ],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads((finetuned / "eval_metrics.jsonl").read_text().splitlines()[-1])
+    assert record["step"] == 2
+    assert 0 <= record["exact_match"] <= 100 and 0 <= record["word_accuracy"] <= 100
+    assert np.isfinite(record["loss"])
