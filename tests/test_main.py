@@ -149,6 +149,20 @@ def test_sigterm_saves_before_exit(tmp_path):
     assert max(_losses(model_dir)) == saved[-1]
 
 
+def _main_in_process(capsys, argv) -> tuple[int, str]:
+    """`main.main(argv)` in this process (configuration errors need no subprocess)."""
+    import gin
+
+    from e2s2_jax import main
+
+    gin.clear_config()
+    try:
+        code = main.main(argv)
+    finally:
+        gin.clear_config()
+    return code, capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "extra, expected",
     [
@@ -161,27 +175,46 @@ def test_sigterm_saves_before_exit(tmp_path):
         ),
     ],
 )
-def test_configuration_errors_fail_before_training(tmp_path, extra, expected):
-    result = _run("train", tmp_path / "run", *extra, check=False)
-    assert result.returncode == 2, result.stderr[-3000:]
-    assert expected in result.stderr, result.stderr[-3000:]
+def test_configuration_errors_fail_before_training(tmp_path, capsys, extra, expected):
+    code, stderr = _main_in_process(capsys, _command("train", tmp_path / "run", *extra)[3:])
+    assert code == 2, stderr[-3000:]
+    assert expected in stderr, stderr[-3000:]
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-def test_missing_model_dir_and_unwritable_model_dir(tmp_path):
-    command = [
+def test_batch_the_data_axis_does_not_divide(tmp_path):
+    env = _env()
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    result = subprocess.run(
+        _command("train", tmp_path / "run", "--gin.TRAIN_STEPS=5", "--gin.BATCH_SIZE=12"),
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "train.batch_size=12 is not divisible by 8 = data-parallel size 8" in result.stderr
+    assert "set --gin.train.batch_size to a multiple of 8" in result.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_missing_model_dir_and_unwritable_model_dir(tmp_path, capsys):
+    argv = [
         c
-        for c in _command("train", "x", "--gin.TRAIN_STEPS=5")
+        for c in _command("train", "x", "--gin.TRAIN_STEPS=5")[3:]
         if not c.startswith("--gin.MODEL_DIR")
     ]
-    result = subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True)
-    assert result.returncode == 2 and "Missing required Gin macro(s) ['MODEL_DIR']" in result.stderr
+    code, stderr = _main_in_process(capsys, argv)
+    assert code == 2 and "Missing required Gin macro(s) ['MODEL_DIR']" in stderr, stderr
 
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")
-    result = _run("train", blocker / "run", "--gin.TRAIN_STEPS=5", check=False)
-    assert result.returncode == 2
-    assert f"MODEL_DIR='{blocker / 'run'}' is not writable" in result.stderr, result.stderr[-2000:]
+    code, stderr = _main_in_process(
+        capsys, _command("train", blocker / "run", "--gin.TRAIN_STEPS=5")[3:]
+    )
+    assert code == 2
+    assert f"MODEL_DIR='{blocker / 'run'}' is not writable" in stderr, stderr[-2000:]
 
 
 def test_train_eval_infer_outputs(tmp_path):
