@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -229,3 +230,57 @@ def test_parse_fills_accepts_whole_fills_and_rejects_malformed_rows():
     row_without_end = [s[0], *hello, s[1], *world * 20][:32]
     assert parse(row_without_end) == "truncated"
     assert parse([s[0], *hello, s[1], vocabulary.vocab_size + 3, s[2], 1]) == "invalid_token"
+
+
+def _worker_eight_devices() -> dict:
+    """Fills one batch with a random tiny model on a mesh of 8 data devices and on one device,
+    with the same rng: the job's sharded sampling gives the same tokens."""
+    from e2s2_jax.models.t5 import T5, T5Config
+    from e2s2_jax.training import partitioning
+
+    model = T5(
+        T5Config(
+            vocab_size=8192,
+            d_model=32,
+            d_ff=64,
+            num_heads=2,
+            d_kv=16,
+            num_encoder_layers=1,
+            num_decoder_layers=1,
+        )
+    )
+    tokens = np.random.default_rng(0).integers(2, 8000, size=(16, 24)).astype(np.int32)
+    params = model.init(jax.random.key(0), tokens, tokens[:, :4])["params"]
+    results = {}
+    for name, devices in (("eight", jax.devices()), ("one", jax.devices()[:1])):
+        mesh = partitioning.create_mesh(-1, 1, 1, devices=devices)
+        generator = job.Generator(
+            model,
+            params,
+            mesh,
+            partitioning.LOGICAL_AXIS_RULES,
+            batch_size=16,
+            top_p=0.9,
+            temperature=1.0,
+            seed=3,
+        )
+        sampled, log_probs = generator(tokens, 12, first_example_id=5)
+        results[name] = {"tokens": sampled.tolist(), "log_probs": log_probs.tolist()}
+    results["devices"] = len(jax.devices())
+    return results
+
+
+def test_sampling_sharded_over_eight_devices_matches_one_device():
+    import eight_devices
+
+    report = eight_devices.run_worker(__file__, "eight_devices")
+    assert report["devices"] == 8
+    assert report["eight"]["tokens"] == report["one"]["tokens"]
+    np.testing.assert_allclose(
+        report["eight"]["log_probs"], report["one"]["log_probs"], rtol=1e-5, atol=1e-5
+    )
+    assert len({tuple(row) for row in report["one"]["tokens"]}) > 1  # rows sample differently
+
+
+if __name__ == "__main__":
+    print(json.dumps({"eight_devices": _worker_eight_devices}[sys.argv[1]]()))
