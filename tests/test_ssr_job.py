@@ -284,3 +284,24 @@ def test_sampling_sharded_over_eight_devices_matches_one_device():
 
 if __name__ == "__main__":
     print(json.dumps({"eight_devices": _worker_eight_devices}[sys.argv[1]]()))
+
+
+def test_process_shards_cover_every_example_once():
+    examples = [(i, f"text {i}") for i in range(103)]
+    seen = []
+    for process_index in range(3):
+        chunks = list(job._chunks(iter(examples), process_index, 3, size=8))
+        assert [number for number, _ in chunks] == list(range(len(chunks)))
+        assert all(len(chunk) == 8 for _, chunk in chunks[:-1])
+        for _, chunk in chunks:
+            assert all(i % 3 == process_index for i, _ in chunk)
+            seen += [i for i, _ in chunk]
+    assert sorted(seen) == list(range(103))
+
+
+def test_resume_with_other_settings_is_refused(tmp_path):
+    settings = {"process_count": 1, "examples_per_chunk": 16, "seed": 0}
+    job._check_job_config(str(tmp_path), settings)
+    job._check_job_config(str(tmp_path), settings)  # the same settings resume
+    with pytest.raises(ValueError, match="process_count"):
+        job._check_job_config(str(tmp_path), {**settings, "process_count": 2})
