@@ -45,6 +45,9 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     # The stacked layer axis of scanned params is iterated over by lax.scan; each step needs
     # the whole layer, so it is never split.
     ("layers", None),
+    # EncoderFusion's per-encoder-layer mixing weights and E2S2's 3 noise classes: tiny.
+    ("encoder_layers", None),
+    ("noise_classes", None),
 )
 
 Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]
