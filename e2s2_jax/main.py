@@ -412,6 +412,7 @@ def train(
     """
     import flax.linen as nn
 
+    from e2s2_jax.interop import params_io
     from e2s2_jax.training import partitioning
     from e2s2_jax.training.checkpoints import TrainCheckpointer, load_params_into
     from e2s2_jax.training.metrics_writer import (
@@ -451,6 +452,8 @@ def train(
         )["params"]
     )
     write_config(model_dir, "params.txt", _param_table(boxed))
+    # The model's sizes, so that `convert export --params_dir MODEL_DIR` reads the run.
+    write_config(model_dir, params_io.CONFIG_NAME, params_io.config_json(model.config))
 
     checkpointer = TrainCheckpointer(
         os.path.join(model_dir, "checkpoints"),

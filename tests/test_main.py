@@ -345,3 +345,24 @@ def test_initial_checkpoint_fills_new_heads_and_fine_tuning_drops_them(tmp_path)
     assert record["step"] == 2
     assert 0 <= record["exact_match"] <= 100 and 0 <= record["word_accuracy"] <= 100
     assert np.isfinite(record["loss"])
+
+
+def test_export_reads_a_train_run(tmp_path):
+    import safetensors.numpy
+
+    from e2s2_jax.interop import hf, params_io
+
+    model_dir = tmp_path / "run"
+    _run("train", model_dir, "--gin.TRAIN_STEPS=2")
+    config, params = params_io.load_params(str(model_dir))
+    assert (config.d_model, config.num_encoder_layers) == (64, 2)  # t5_1_1_tiny.gin
+    expected = _final_params(model_dir, 2)
+    import jax
+
+    flat = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(params)}
+    assert flat.keys() == expected.keys()
+    for name, value in flat.items():
+        np.testing.assert_array_equal(value, expected[name], err_msg=name)
+    hf.export_hf(config, params, str(tmp_path / "hf"))
+    tensors = safetensors.numpy.load_file(str(tmp_path / "hf" / "model.safetensors"))
+    np.testing.assert_array_equal(tensors["shared.weight"], params["token_embedder"]["embedding"])

@@ -6,6 +6,8 @@ import dataclasses
 import json
 import os
 
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import linen as nn
 
@@ -22,14 +24,33 @@ def save_params(directory: str, config: T5Config, params: dict) -> None:
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(os.path.join(directory, PARAMS_NAME), nn.unbox(params), force=True)
     with open(os.path.join(directory, CONFIG_NAME), "w") as f:
-        json.dump(dataclasses.asdict(config), f, indent=2)
+        f.write(config_json(config))
+
+
+def config_json(config: T5Config) -> str:
+    """`config` as the JSON text of `t5_config.json`."""
+    return json.dumps(dataclasses.asdict(config), indent=2)
+
+
+def newest_train_checkpoint_params(directory: str) -> str | None:
+    """`MODEL_DIR/checkpoints/<newest step>/state` of a train run, or None."""
+    checkpoints = os.path.join(directory, "checkpoints")
+    if not os.path.isdir(checkpoints):
+        return None
+    steps = [int(name) for name in os.listdir(checkpoints) if name.isdigit()]
+    return os.path.join(checkpoints, str(max(steps)), "state") if steps else None
 
 
 def load_params(directory: str) -> tuple[T5Config, dict]:
-    """Reads what `save_params` wrote; errors name the missing or unreadable file."""
+    """Reads what `save_params` wrote, or a train run's MODEL_DIR (its `t5_config.json` and
+    the params of its newest checkpoint); errors name the missing or unreadable file."""
     directory = os.path.abspath(directory)
     config_path = os.path.join(directory, CONFIG_NAME)
     params_path = os.path.join(directory, PARAMS_NAME)
+    train_state = None
+    if not os.path.exists(params_path):
+        train_state = newest_train_checkpoint_params(directory)
+        params_path = train_state or params_path
     for path in (config_path, params_path):
         if not os.path.exists(path):
             raise FileNotFoundError(
@@ -46,5 +67,20 @@ def load_params(directory: str) -> tuple[T5Config, dict]:
     if unknown:
         raise ValueError(f"{config_path}: unknown T5Config fields {unknown}.")
     with ocp.StandardCheckpointer() as checkpointer:
-        params = checkpointer.restore(params_path)
+        if train_state is None:
+            params = checkpointer.restore(params_path)
+        else:  # only the params subtree, as host numpy arrays (any device layout was saved)
+            metadata = checkpointer.metadata(params_path).item_metadata["params"]
+            params = ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).restore(
+                params_path,
+                args=ocp.args.PyTreeRestore(
+                    item={"params": jax.tree.map(lambda _: 0, dict(metadata))},
+                    restore_args={
+                        "params": jax.tree.map(
+                            lambda _: ocp.RestoreArgs(restore_type=np.ndarray), dict(metadata)
+                        )
+                    },
+                    partial_restore=True,
+                ),
+            )["params"]
     return T5Config(**fields), params
