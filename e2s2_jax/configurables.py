@@ -6,7 +6,7 @@ import optax
 
 from e2s2_jax import decoding, objectives
 from e2s2_jax.data import feature_converters
-from e2s2_jax.models import heads, t5
+from e2s2_jax.models import fusion, heads, t5
 from e2s2_jax.training import optimizers
 
 gin.external_configurable(t5.T5Config, module="e2s2_jax")
@@ -16,10 +16,9 @@ gin.external_configurable(objectives.Seq2SeqObjective, module="e2s2_jax")
 gin.external_configurable(feature_converters.E2S2EncDecFeatureConverter, module="e2s2_jax")
 gin.external_configurable(optimizers.make_optimizer, module="e2s2_jax")
 gin.external_configurable(optimizers.rsqrt_schedule, module="e2s2_jax")
+gin.external_configurable(optimizers.warmup_linear_decay, module="e2s2_jax")
 gin.external_configurable(optax.warmup_cosine_decay_schedule, module="optax")
 gin.external_configurable(optax.constant_schedule, module="optax")
 gin.external_configurable(objectives.E2S2Objective, module="e2s2_jax")
 gin.external_configurable(heads.DenoisingHead, module="e2s2_jax")
-from e2s2_jax.models import fusion  # noqa: E402
-
 gin.external_configurable(fusion.SurfaceFusion, module="e2s2_jax")

@@ -79,3 +79,14 @@ def test_gradient_clipping_rescales_to_the_global_norm():
     assert not np.allclose(got["b"], unclipped["b"])
     with pytest.raises(ValueError, match="Unknown optimizer"):
         make_optimizer("sgd", 1.0)
+
+
+def test_warmup_linear_decay_against_closed_form():
+    from e2s2_jax.training.optimizers import warmup_linear_decay
+
+    schedule = warmup_linear_decay(0.01, warmup_steps=6, decay_steps=16)
+    for step in range(0, 20):
+        expected = 0.01 * step / 6 if step < 6 else 0.01 * max(0.0, (16 - step) / 10)
+        assert abs(float(schedule(step)) - expected) < 1e-9, step
+    with pytest.raises(ValueError, match="below decay_steps"):
+        warmup_linear_decay(0.01, warmup_steps=10, decay_steps=10)

@@ -32,6 +32,24 @@ def rsqrt_schedule(base_learning_rate: float = 1.0, warmup_steps: int = 10_000) 
     return schedule
 
 
+def warmup_linear_decay(
+    peak_value: float, warmup_steps: int, decay_steps: int, end_value: float = 0.0
+) -> optax.Schedule:
+    """Linear warm-up from 0 to `peak_value` over `warmup_steps`, then linear decay to
+    `end_value` at step `decay_steps` (E2S2's continued-pretraining schedule)."""
+    if not 0 <= warmup_steps < decay_steps:
+        raise ValueError(
+            f"warmup_steps={warmup_steps} must be >= 0 and below decay_steps={decay_steps}."
+        )
+    return optax.join_schedules(
+        [
+            optax.linear_schedule(0.0, peak_value, warmup_steps),
+            optax.linear_schedule(peak_value, end_value, decay_steps - warmup_steps),
+        ],
+        boundaries=[warmup_steps],
+    )
+
+
 def adafactor(
     learning_rate: optax.ScalarOrSchedule,
     *,
