@@ -29,6 +29,12 @@ from collections.abc import Iterator, Mapping, Sequence
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import gin  # noqa: E402
+
+if __name__ == "__main__":
+    # `python -m e2s2_jax.main` runs this file as `__main__`; code importing `e2s2_jax.main`
+    # (the SSR job) must get this module, not a second copy that would register the Gin
+    # configurables again and define another ConfigError class.
+    sys.modules.setdefault("e2s2_jax.main", sys.modules[__name__])
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402

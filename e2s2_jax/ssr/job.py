@@ -12,10 +12,10 @@ chunk is identical to the one that was lost.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import math
 import os
-import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
 
@@ -307,14 +307,8 @@ def _chunks(
 
 
 def _entry_point():
-    """e2s2_jax.main, as loaded: run with `python -m`, it is `__main__`, and importing it again
-    would register its Gin configurables twice (and its ConfigError would be another class)."""
-    main = sys.modules.get("__main__")
-    if getattr(main, "__spec__", None) is not None and main.__spec__.name == "e2s2_jax.main":
-        return main
-    import e2s2_jax.main
-
-    return e2s2_jax.main
+    """The loaded e2s2_jax.main (it aliases itself when run with `python -m`)."""
+    return importlib.import_module("e2s2_jax.main")
 
 
 def _check_job_config(output_dir: str, job_config: Mapping) -> None:
