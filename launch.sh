@@ -2,7 +2,8 @@
 # e2s2-jax launcher.
 #   ./launch.sh demo    set up .venv (pinned requirements) and run the CPU demo
 #   ./launch.sh test    set up .venv (pinned requirements + test extras) and run the tests
-# Environment: PYTHON (interpreter for the venv, default python3.11), VENV (default .venv).
+# Environment: PYTHON (interpreter for the venv, default python3.11), VENV (default .venv),
+# TEST_WORKERS (pytest-xdist workers, default 2).
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -36,7 +37,8 @@ case "${1:-}" in
   test)
     setup
     shift
-    exec "$VENV/bin/python" -m pytest -q "$@"
+    # Two workers: much of the suite is single-threaded (imports, tracing, subprocess start-up).
+    exec "$VENV/bin/python" -m pytest -q -n "${TEST_WORKERS:-2}" "$@"
     ;;
   *)
     sed -n '2,5p' "$0"
