@@ -416,7 +416,6 @@ def train(
       stop_after_steps: leave the loop after this many steps of this invocation (for tests
         and time-boxed jobs); the final checkpoint is still written.
     """
-    import flax.linen as nn
 
     from e2s2_jax.interop import params_io
     from e2s2_jax.training import partitioning
@@ -427,7 +426,7 @@ def train(
         peak_flops,
         progress_line,
     )
-    from e2s2_jax.training.train_state import TrainState, init_train_state
+    from e2s2_jax.training.train_state import TrainState, abstract_boxed_params, init_train_state
     from e2s2_jax.training.train_step import make_train_step
 
     start_time = time.time()
@@ -452,11 +451,7 @@ def train(
     rng = jax.random.key(seed)
     init_rng, train_rng = jax.random.split(rng)
     state, shardings = init_train_state(model, optimizer, mesh, init_rng, rules=rules)
-    boxed = jax.eval_shape(
-        lambda: model.init(
-            jax.random.key(0), jnp.ones((1, 1), jnp.int32), jnp.ones((1, 1), jnp.int32)
-        )["params"]
-    )
+    boxed = abstract_boxed_params(model)
     write_config(model_dir, "params.txt", _param_table(boxed))
     # The model's sizes, so that `convert export --params_dir MODEL_DIR` reads the run.
     write_config(model_dir, params_io.CONFIG_NAME, params_io.config_json(model.config))
@@ -570,8 +565,7 @@ def train(
                     mesh,
                     rules,
                 )
-            with nn.logical_axis_rules(rules):
-                scalars = _eval_metrics(eval_fns, state.params, eval_batches_cache)
+            scalars = _eval_metrics(eval_fns, state.params, eval_batches_cache)
             eval_writer.write(step, scalars)
             log(f"eval at step {step}: " + " ".join(f"{k} {v:.4g}" for k, v in scalars.items()))
             throughput.reset(step)
@@ -601,12 +595,9 @@ def _restore_params(model_dir: str, model, mesh, rules, checkpoint_step: int | N
     params directory (`interop.hf import`) given as MODEL_DIR."""
     from e2s2_jax.training import partitioning
     from e2s2_jax.training.checkpoints import CheckpointError, load_params_into
+    from e2s2_jax.training.train_state import abstract_boxed_params
 
-    boxed = jax.eval_shape(
-        lambda: model.init(
-            jax.random.key(0), jnp.ones((1, 1), jnp.int32), jnp.ones((1, 1), jnp.int32)
-        )["params"]
-    )
+    boxed = abstract_boxed_params(model)
     shardings = partitioning.param_shardings(boxed, mesh, rules)
     import flax.linen as nn
 
@@ -680,8 +671,8 @@ def evaluate(
     Writes them to MODEL_DIR/eval (TensorBoard) and eval_metrics.jsonl at the checkpoint's
     step, prints them, and returns them.
     """
-    import flax.linen as nn
 
+    from e2s2_jax.interop import params_io
     from e2s2_jax.training import partitioning
     from e2s2_jax.training.metrics_writer import MetricsWriter
 
@@ -690,7 +681,7 @@ def evaluate(
     rules = partitioning.LOGICAL_AXIS_RULES
     mesh = partitioning.create_mesh(*mesh_shape)
     params = _restore_params(model_dir, model, mesh, rules, checkpoint_step)
-    step = checkpoint_step or _latest_step(model_dir)
+    step = checkpoint_step or params_io.newest_checkpoint_step(model_dir)
     batches = load_eval_batches(
         mixture_or_task_name,
         task_feature_lengths,
@@ -702,10 +693,9 @@ def evaluate(
         rules,
     )
     param_shardings = jax.tree.map(lambda x: x.sharding, params)
-    with nn.logical_axis_rules(rules):
-        results = _eval_metrics(
-            make_eval_fns(model, objective, mesh, rules, param_shardings), params, batches
-        )
+    results = _eval_metrics(
+        make_eval_fns(model, objective, mesh, rules, param_shardings), params, batches
+    )
 
     task, examples = _task_examples(
         mixture_or_task_name, split, task_feature_lengths, max_decode_examples
@@ -740,14 +730,6 @@ def evaluate(
         + " ".join(f"{k} {v:.4g}" for k, v in results.items())
     )
     return results
-
-
-def _latest_step(model_dir: str) -> int | None:
-    directory = os.path.join(model_dir, "checkpoints")
-    if not os.path.isdir(directory):
-        return None
-    steps = [int(name) for name in os.listdir(directory) if name.isdigit()]
-    return max(steps) if steps else None
 
 
 @gin.configurable(module="e2s2_jax")

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from decode_helpers import cached_decoder_steps
 from flax import linen as nn
 
 from e2s2_jax.decoding import DecodeConfig, _filter_logits, make_predict_fn, sample_or_greedy
@@ -42,26 +43,9 @@ def test_cached_step_logits_equal_full_decoder_logits(scan):
     decoder_tokens = decoder_tokens.at[:, 0].set(0)
     full = model.apply({"params": params}, encoder_tokens, decoder_tokens)
 
-    encoder_outputs = model.apply({"params": params}, encoder_tokens, method=T5.encode)
-
-    @jax.jit
-    def step(cache, tokens, position):
-        variables = {"params": params, **({"cache": cache} if cache is not None else {})}
-        logits, updated = model.apply(
-            variables,
-            encoder_outputs,
-            tokens[:, None],
-            decode=True,
-            decode_position=position,
-            max_decode_length=length,
-            mutable=["cache"],
-            method=T5.decode,
-        )
-        return logits[:, 0], updated["cache"]
-
-    _, cache = jax.jit(lambda t, p: step(None, t, p))(decoder_tokens[:, 0], jnp.int32(0))
+    steps, _ = cached_decoder_steps(model, params, encoder_tokens, decoder_tokens)
     for position in range(length):
-        logits, cache = step(cache, decoder_tokens[:, position], jnp.int32(position))
+        logits = steps[:, position]
         np.testing.assert_allclose(logits, full[:, position], rtol=1e-5, atol=1e-5)
 
 

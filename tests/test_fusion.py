@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from decode_helpers import cached_decoder_steps
 from flax import linen as nn
 from flax import traverse_util
 
@@ -253,34 +254,6 @@ def test_hard_fusion_with_lam_1_equals_the_plain_model(tie):
 # ----------------------------------------------------------------------------- decoding
 
 
-def _cached_steps(model, params, encoder_tokens, decoder_tokens):
-    """Per-step outputs of cached, teacher-forced decoding: `[batch, length, vocab]`."""
-    length = decoder_tokens.shape[1]
-    encoder_outputs = model.apply({"params": params}, encoder_tokens, method=T5.encode)
-
-    @jax.jit
-    def step(cache, step_tokens, position):
-        variables = {"params": params, **({"cache": cache} if cache is not None else {})}
-        logits, updated = model.apply(
-            variables,
-            encoder_outputs,
-            step_tokens[:, None],
-            decode=True,
-            decode_position=position,
-            max_decode_length=length,
-            mutable=["cache"],
-            method=T5.decode,
-        )
-        return logits[:, 0], updated["cache"]
-
-    _, cache = jax.jit(lambda t, p: step(None, t, p))(decoder_tokens[:, 0], jnp.int32(0))
-    outputs = []
-    for position in range(length):
-        logits, cache = step(cache, decoder_tokens[:, position], jnp.int32(position))
-        outputs.append(logits)
-    return jnp.stack(outputs, 1), cache
-
-
 @pytest.mark.parametrize(
     "variant,scan",
     [(f"fusion:{m}", False) for m in FUSION_MODES]
@@ -301,7 +274,7 @@ def test_cached_decoding_equals_the_full_decoder(variant, scan):
     else:  # Non-uniform layer weights, so that the layer choice matters.
         params = randomize_layer_scores(params, scale=1.0)
     full = model.apply({"params": params}, encoder_tokens, decoder_tokens)
-    cached, cache = _cached_steps(model, params, encoder_tokens, decoder_tokens)
+    cached, cache = cached_decoder_steps(model, params, encoder_tokens, decoder_tokens)
     np.testing.assert_allclose(cached, full, rtol=1e-5, atol=1e-5)
     if variant.startswith("fusion:"):  # The source keys/values are cached once.
         source_key = cache["output_layer"]["surface_attention"]["source_key"]

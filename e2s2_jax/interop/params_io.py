@@ -32,13 +32,20 @@ def config_json(config: T5Config) -> str:
     return json.dumps(dataclasses.asdict(config), indent=2)
 
 
-def newest_train_checkpoint_params(directory: str) -> str | None:
-    """`MODEL_DIR/checkpoints/<newest step>/state` of a train run, or None."""
-    checkpoints = os.path.join(directory, "checkpoints")
+def newest_checkpoint_step(model_dir: str) -> int | None:
+    """The newest complete step under a train run's `MODEL_DIR/checkpoints`, or None (Orbax
+    writes into `<step>.orbax-checkpoint-tmp-*` and renames when done)."""
+    checkpoints = os.path.join(str(model_dir), "checkpoints")
     if not os.path.isdir(checkpoints):
         return None
     steps = [int(name) for name in os.listdir(checkpoints) if name.isdigit()]
-    return os.path.join(checkpoints, str(max(steps)), "state") if steps else None
+    return max(steps) if steps else None
+
+
+def newest_train_checkpoint_params(directory: str) -> str | None:
+    """`MODEL_DIR/checkpoints/<newest step>/state` of a train run, or None."""
+    step = newest_checkpoint_step(directory)
+    return None if step is None else os.path.join(directory, "checkpoints", str(step), "state")
 
 
 def load_params(directory: str) -> tuple[T5Config, dict]:

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from etils import epath
 
+from e2s2_jax.interop import params_io
 from e2s2_jax.training.train_state import TrainState
 
 PyTree = Any
@@ -149,10 +150,9 @@ def _params_directory(path: epath.Path) -> tuple[epath.Path, str]:
     """The Orbax directory holding params, and how they sit in it: `params_io` writes
     `<dir>/params`; a train checkpoint step holds `<dir>/state` with a `params` subtree; a
     train run's MODEL_DIR holds `checkpoints/<step>`."""
-    if (path / "checkpoints").exists():
-        steps = [int(p.name) for p in (path / "checkpoints").iterdir() if p.name.isdigit()]
-        if steps:
-            path = path / "checkpoints" / str(max(steps))
+    step = params_io.newest_checkpoint_step(str(path))
+    if step is not None:
+        path = path / "checkpoints" / str(step)
     if (path / "state").exists():
         return path / "state", "state"
     if (path / "params").exists():

@@ -38,6 +38,15 @@ def _boxed_params(model: nn.Module, rng: jax.Array, inputs: Mapping[str, jax.Arr
     return model.init(rng, inputs["encoder_input_tokens"], inputs["decoder_input_tokens"])["params"]
 
 
+def abstract_boxed_params(
+    model: nn.Module, input_shapes: Mapping[str, Sequence[int]] | None = None
+) -> PyTree:
+    """The model's params as `nn.Partitioned` boxes of `jax.ShapeDtypeStruct`s (no
+    allocation): shapes, dtypes and logical axes."""
+    inputs = _init_inputs(input_shapes)
+    return jax.eval_shape(lambda: _boxed_params(model, jax.random.key(0), inputs))
+
+
 def train_state_shardings(
     model: nn.Module,
     optimizer: optax.GradientTransformation,
@@ -50,8 +59,7 @@ def train_state_shardings(
 
     `input_shapes` maps `INIT_FEATURES` to `[batch, length]`; (1, 1) when omitted.
     """
-    inputs = _init_inputs(input_shapes)
-    boxed = jax.eval_shape(lambda: _boxed_params(model, jax.random.key(0), inputs))
+    boxed = abstract_boxed_params(model, input_shapes)
     abstract_params = nn.unbox(boxed)
     abstract_opt_state = jax.eval_shape(optimizer.init, abstract_params)
     params_shardings = partitioning.param_shardings(boxed, mesh, rules)
