@@ -318,6 +318,17 @@ def _flops_per_step(compiled) -> float | None:
     return float(flops) if flops and flops > 0 else None
 
 
+def _model_flops_per_step(config, objective, batch) -> float:
+    """`training.flops` model FLOPs of one step on `batch`'s shapes; an objective that runs
+    several encoder views per example (E2S2) runs that many rows per example."""
+    from e2s2_jax.training import flops
+
+    rows, inputs_length = batch["encoder_input_tokens"].shape
+    views = len(getattr(objective, "views", ("encoder_input_tokens",)))
+    targets_length = batch["decoder_target_tokens"].shape[1]
+    return flops.step_flops(config, rows * views, inputs_length, targets_length).train
+
+
 def _param_table(boxed_params) -> str:
     import flax.linen as nn
     import flax.traverse_util as traverse_util
@@ -516,10 +527,12 @@ def train(
     local_batch = next(batches)
     batch = partitioning.make_global_batch(local_batch, mesh, rules)
     compiled = train_step.lower(state, batch, train_rng).compile()
-    throughput = Throughput(train_steps, _flops_per_step(compiled), peak_flops())
+    model_flops = _model_flops_per_step(model.config, objective, batch)
+    throughput = Throughput(train_steps, model_flops, peak_flops())
     log(
         f"compiled the train step in {time.time() - start_time:.0f}s since start; "
-        f"{throughput.flops_per_step or 0:.3g} FLOPs/step"
+        f"model FLOPs/step {model_flops:.3g} (for MFU), XLA's count "
+        f"{_flops_per_step(compiled) or 0:.3g}"
     )
 
     is_writer = jax.process_index() == 0

@@ -144,7 +144,9 @@ class E2S2Objective:
 
     Metrics (additive contributions, as every objective's): `loss`, `nll_noised`,
     `nll_masked` (cross-entropy without z-loss), `z_loss` (the weighted z-loss part of
-    `loss`), `denoise_loss`, `denoise_accuracy`, `contrast_loss`, `contrast_accuracy` (anchors
+    `loss`), `denoise_loss`, `denoise_accuracy`, `denoise_majority_rate` (the fraction of
+    positions labelled untouched: the accuracy of the majority-class guess), `contrast_loss`,
+    `contrast_accuracy` (anchors
     whose positive beats every negative), `contrast_dropped_segments`; each only when its term
     is computed. Normalizers: `weight_sum` (target tokens), `denoise_weight_sum` (view N's
     non-pad positions), `contrast_anchor_count` (2 x pooled examples).
@@ -286,6 +288,11 @@ class E2S2Objective:
             metrics["denoise_accuracy"] = (
                 losses.classification_accuracy_sum(noise_logits, batch[NOISE_LABELS], positions)
                 / denoise_denominator
+            )
+            # The accuracy of always answering "untouched" (label 0), the majority class: what
+            # `denoise_accuracy` must beat to show the head detects noise.
+            metrics["denoise_majority_rate"] = (
+                jnp.sum((batch[NOISE_LABELS] == 0) * positions) / denoise_denominator
             )
             loss += self.denoise_weight * metrics["denoise_loss"]
 

@@ -189,6 +189,7 @@ def test_terms_match_separate_passes_and_numpy():
             reference["denoise_loss"] = label_nll[mask].mean()
             predictions = np.argmax(np.asarray(intermediates["heads"]["denoise"]), -1)
             reference["denoise_accuracy"] = (predictions == labels)[mask].mean()
+            reference["denoise_majority_rate"] = (labels == 0)[mask].mean()
     contrast_sum, contrast_correct, anchors = numpy_nt_xent(
         pooled["noised"][:, 0], pooled["masked"][:, 0], valid[:, 0], temperature=0.5
     )
@@ -207,6 +208,7 @@ def test_terms_match_separate_passes_and_numpy():
         "z_loss",
         "denoise_loss",
         "denoise_accuracy",
+        "denoise_majority_rate",
         "contrast_loss",
         "contrast_accuracy",
         "loss",

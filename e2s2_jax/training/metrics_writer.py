@@ -81,7 +81,7 @@ class Throughput:
     """Tokens/s, MFU and ETA between two log points.
 
     `tokens_per_step`: non-pad tokens the model reads per step (inputs + targets of the global
-    batch, counted from the batch); `flops_per_step`: from the compiled step's cost analysis.
+    batch, counted from the batch); `flops_per_step`: model FLOPs of a step (`training.flops`).
     """
 
     def __init__(self, total_steps: int, flops_per_step: float | None, peak: float | None):
