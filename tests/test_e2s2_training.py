@@ -1,11 +1,20 @@
-"""E2S2 end to end: the tiny T5 1.1 trained 300 steps on the bundled corpus's E2S2 task with the
-default weights: every term falls and the contrastive loss beats chance (log(2N - 1)).
+"""E2S2 end to end: the tiny T5 1.1 trained 300 steps on the bundled corpus's E2S2 task with
+the smoke recipe (gin/runs/smoke.gin: rows of 128/32 tokens, AdamW with RMS-scaled steps,
+warm-up + cosine decay): every term falls, the denoising head beats the majority class and the
+contrastive loss beats chance (log(2N - 1)).
 
-Not asserted: denoising accuracy above the majority class ("untouched", 0.777 of positions). At
-300 steps of 8 x 64 tokens it stays at the majority rate (0.776 over the last 30 steps with
-weight 0.05; 0.783 with weight 1.0): the denoising loss falls to about the label prior's entropy
-(0.68), and the 8192-token vocabulary sees each random replacement token about 3 times, so
-neither token identity nor a language model can single out replacements yet.
+The encoder-side weights are raised from the reference's 0.05 (tuned for continued pretraining
+of an already trained encoder) to `DENOISE_WEIGHT` = 1.0 and `CONTRAST_WEIGHT` = 0.5. Measured
+with this recipe and seeds over the first -> last 30 steps:
+- weights 1.0 / 0.5: denoising accuracy 0.39 -> 0.804 (majority rate 0.777), denoise loss
+  1.085 -> 0.547, contrastive loss 3.58 -> 3.42;
+- the reference's 0.05 / 0.05: accuracy stays at the majority rate (0.774 against 0.777;
+  it passes it after about 750 steps) and the contrastive loss rises (3.88 -> 3.98: the two
+  views share 85% of their tokens, so it starts far below chance, and a 0.05 weight does not
+  hold it there while the encoder's outputs grow alike);
+- 0.5 / 0.05: accuracy 0.809, but the contrastive loss rises (3.88 -> 4.13);
+- 0.5 / 0.5 at batch 16: the contrastive loss falls (2.87 -> 2.66) but denoising stalls
+  (accuracy 0.63).
 """
 
 from __future__ import annotations
@@ -20,10 +29,11 @@ import pytest
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 300
-BATCH_SIZE = 8
-LENGTHS = {"inputs": 64, "targets": 16}
+BATCH_SIZE = 32
+LENGTHS = {"inputs": 128, "targets": 32}
 WINDOW = 30  # steps averaged at the start and at the end
-LEARNING_RATE = 3e-3
+PEAK_LEARNING_RATE, WARMUP_STEPS = 0.01, 50  # gin/runs/smoke.gin
+DENOISE_WEIGHT, CONTRAST_WEIGHT = 1.0, 0.5
 
 
 def tiny_config():
@@ -48,7 +58,7 @@ def history() -> dict:
     from e2s2_jax.models.heads import DenoisingHead
     from e2s2_jax.models.t5 import T5
     from e2s2_jax.objectives import E2S2Objective
-    from e2s2_jax.training import partitioning
+    from e2s2_jax.training import optimizers, partitioning
     from e2s2_jax.training.train_state import init_train_state
     from e2s2_jax.training.train_step import make_train_step
 
@@ -63,11 +73,18 @@ def history() -> dict:
     ).batch(BATCH_SIZE, drop_remainder=True)
     model = T5(tiny_config(), encoder_heads=(("denoise", DenoisingHead),))
     mesh = partitioning.create_mesh(1, 1, 1, devices=jax.devices()[:1])
-    # Plain Adam: RMS-scaled updates (adamw_rms_scaled, Adafactor) move the new head's small
-    # kernel (RMS 0.02) and zero bias 50-1000x slower than the encoder, too slow for 300 steps.
-    optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(LEARNING_RATE))
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, PEAK_LEARNING_RATE, WARMUP_STEPS, STEPS, end_value=1e-5
+    )
+    optimizer = optimizers.make_optimizer("adamw_rms_scaled", schedule, gradient_clip_norm=1.0)
     state, shardings = init_train_state(model, optimizer, mesh, jax.random.key(0))
-    step = make_train_step(model, optimizer, E2S2Objective(), mesh, state_shardings=shardings)
+    step = make_train_step(
+        model,
+        optimizer,
+        E2S2Objective(denoise_weight=DENOISE_WEIGHT, contrast_weight=CONTRAST_WEIGHT),
+        mesh,
+        state_shardings=shardings,
+    )
     metrics_per_step, label_counts = [], np.zeros(3)
     for index, batch in enumerate(dataset.take(STEPS).as_numpy_iterator()):
         state, metrics = step(state, partitioning.make_global_batch(batch, mesh), jax.random.key(1))
@@ -88,17 +105,26 @@ def history() -> dict:
 def test_every_term_falls(history, term):
     values = history["metrics"][term]
     assert np.all(np.isfinite(values))
-    first, last = values[:WINDOW].mean(), values[-WINDOW:].mean()
-    assert last < 0.95 * first, (term, first, last)
+    first, last = values[:WINDOW], values[-WINDOW:]
+    # By at least 2%, and by more than 3 standard errors of the two windows' means.
+    standard_error = np.sqrt((first.var() + last.var()) / WINDOW)
+    assert last.mean() < 0.98 * first.mean(), (term, first.mean(), last.mean())
+    assert first.mean() - last.mean() > 3 * standard_error, (term, standard_error)
 
 
-def test_denoising_learns_the_label_prior(history):
-    # Cross-entropy at the start is above the labels' entropy; it reaches it (within 5%).
+def test_denoising_beats_the_majority_class(history):
     metrics = history["metrics"]
+    # The objective's own majority rate agrees with the labels counted here, from the batches.
+    majority = metrics["denoise_majority_rate"][-WINDOW:].mean()
+    np.testing.assert_allclose(majority, history["label_prior"][0], rtol=1e-3)
+    accuracy = metrics["denoise_accuracy"][-WINDOW:]
+    # Above the majority rate on average by more than 10 standard errors of a window of
+    # ~30 x 32 x 128 positions (about 0.0015), and on most single steps.
+    assert accuracy.mean() > majority + 0.015, (accuracy.mean(), majority)
+    assert np.mean(accuracy > metrics["denoise_majority_rate"][-WINDOW:]) > 0.8
+    # Cross-entropy ends below the entropy of the label prior: more than the prior is learnt.
     prior = history["label_prior"]
-    entropy = -np.sum(prior * np.log(prior))
-    assert metrics["denoise_loss"][:WINDOW].mean() > 1.1 * entropy
-    assert metrics["denoise_loss"][-WINDOW:].mean() < 1.05 * entropy
+    assert metrics["denoise_loss"][-WINDOW:].mean() < -np.sum(prior * np.log(prior))
 
 
 def test_contrast_beats_chance(history):
