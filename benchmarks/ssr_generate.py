@@ -22,28 +22,18 @@ import math
 import os
 import platform
 import statistics
-import tempfile
 import time
 
-import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks._hf_compare import hf_model_from_params, load_model, rows_identical
 from e2s2_jax.data.corpus import BUNDLED_VALIDATION_FILES
 from e2s2_jax.data.text_source import read_text_documents
 from e2s2_jax.data.vocab import get_vocabulary
 from e2s2_jax.decoding import DecodeConfig, make_predict_fn
 from e2s2_jax.ssr import job
-
-
-def _model(gin_files, bindings):
-    import e2s2_jax.configurables  # noqa: F401
-
-    gin.parse_config_files_and_bindings(gin_files, bindings, finalize_config=False)
-    from e2s2_jax.models.t5 import T5
-
-    return T5(gin.query_parameter("MODEL_CONFIG/macro.value").scoped_configurable_fn())
 
 
 def _examples(num_examples, max_words, vocabulary, eos_id):
@@ -91,14 +81,12 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
-    import transformers
 
-    from e2s2_jax.interop.hf import export_hf
     from e2s2_jax.main import _restore_params
     from e2s2_jax.training import partitioning
 
     torch.set_num_threads(args.torch_threads)
-    model = _model(args.gin_file or ["gin/models/t5_1_1_tiny.gin"], args.gin_binding)
+    model = load_model(args.gin_file or ["gin/models/t5_1_1_tiny.gin"], args.gin_binding)
     cfg = model.config
     mesh = partitioning.create_mesh(-1, 1, 1)
     params = _restore_params(args.generator_dir, model, mesh, partitioning.LOGICAL_AXIS_RULES, None)
@@ -108,9 +96,7 @@ def main() -> None:
     budget = int(math.ceil(budget / 32) * 32)
     batches = _batches(examples, args.batch, cfg.eos_id)
 
-    hf_dir = tempfile.mkdtemp(prefix="ssr-bench-hf-")
-    export_hf(cfg, jax.device_get(params), hf_dir)
-    hf_model = transformers.T5ForConditionalGeneration.from_pretrained(hf_dir).eval()
+    hf_model = hf_model_from_params(cfg, params, prefix="ssr-bench-hf-")
 
     sample = DecodeConfig(method="sample", max_decode_length=budget, top_p=0.9, temperature=1.0)
     predict = make_predict_fn(model, sample)
@@ -159,8 +145,7 @@ def main() -> None:
     greedy = make_predict_fn(model, DecodeConfig(method="greedy", max_decode_length=budget))
     greedy_ours = np.asarray(greedy(params, jnp.asarray(batches[0][1])).tokens)
     greedy_hf = theirs(0, batches[0][1], do_sample=False)
-    width = min(greedy_ours.shape[1], greedy_hf.shape[1])
-    same = np.mean(np.all(greedy_ours[:, :width] == greedy_hf[:, :width], axis=1))
+    same = rows_identical(greedy_ours, greedy_hf)
 
     result = {"device": jax.devices()[0].device_kind, "platform": platform.processor()}
     result.update(

@@ -275,6 +275,18 @@ def _repeat_rows(tree, times: int):
     return jax.tree.map(lambda x: jnp.repeat(x, times, axis=0), tree)
 
 
+def _repeat_cache_rows(cache: Cache, repeated_shapes: Cache, times: int) -> Cache:
+    """Repeats each leaf `times` along its batch axis, the one axis where its shape differs
+    from `repeated_shapes` (the same cache made for `times` as many rows); leaves without a
+    batch axis stay as they are. Rows of a batch element end adjacent, as in `_repeat_rows`."""
+
+    def repeat(leaf, target):
+        axes = [i for i, (a, b) in enumerate(zip(leaf.shape, target.shape, strict=True)) if a != b]
+        return jnp.repeat(leaf, times, axis=axes[0]) if axes else leaf
+
+    return jax.tree.map(repeat, cache, repeated_shapes)
+
+
 def predict_batch(
     model: T5,
     params,
@@ -290,23 +302,34 @@ def predict_batch(
         {"params": params}, encoder_input_tokens, method=T5.encode
     )
     rows = 1 if config.method != "beam" else config.num_beams
-    encoder_outputs = _repeat_rows(encoder_outputs, rows)
     batch_size = encoder_input_tokens.shape[0]
     decode_kwargs = dict(
         decode=True, max_decode_length=config.max_decode_length, method=T5.decode, mutable=["cache"]
     )
 
-    def tokens_to_logits(tokens, cache, step):
-        variables = {"params": params} if cache is None else {"params": params, "cache": cache}
-        logits, updated = model.apply(
-            variables, encoder_outputs, tokens[:, None], decode_position=step, **decode_kwargs
-        )
-        return logits[:, 0], updated["cache"]
+    def step_over(encoder_outputs: EncoderOutputs) -> TokensToLogits:
+        def tokens_to_logits(tokens, cache, step):
+            variables = {"params": params} if cache is None else {"params": params, "cache": cache}
+            logits, updated = model.apply(
+                variables, encoder_outputs, tokens[:, None], decode_position=step, **decode_kwargs
+            )
+            return logits[:, 0], updated["cache"]
+
+        return tokens_to_logits
 
     # The first call creates the cache (and the cross-attention keys/values); its dummy
-    # step 0 is overwritten by the real one.
-    dummy = jnp.full((batch_size * rows,), cfg.decoder_start_id, jnp.int32)
-    _, cache = tokens_to_logits(dummy, None, jnp.array(0, jnp.int32))
+    # step 0 is overwritten by the real one. Beams of a row share the cross-attention keys
+    # and values, so they are projected once per row and then repeated for the beams.
+    dummy = jnp.full((batch_size,), cfg.decoder_start_id, jnp.int32)
+    start = jnp.array(0, jnp.int32)
+    _, cache = step_over(encoder_outputs)(dummy, None, start)
+    if rows > 1:
+        encoder_outputs = _repeat_rows(encoder_outputs, rows)
+        repeated_shapes = jax.eval_shape(
+            lambda: step_over(encoder_outputs)(jnp.repeat(dummy, rows), None, start)[1]
+        )
+        cache = _repeat_cache_rows(cache, repeated_shapes, rows)
+    tokens_to_logits = step_over(encoder_outputs)
     ids = dict(start_id=cfg.decoder_start_id, eos_id=cfg.eos_id, pad_id=cfg.pad_id)
     if config.method == "beam":
         return beam_search(

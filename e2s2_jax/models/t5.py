@@ -236,9 +236,15 @@ class Projection(nn.Module):
 class MultiHeadAttention(nn.Module):
     """T5 attention (no 1/sqrt(d) scaling: it is folded into the query init).
 
-    With `decode=True` keys and values are cached: self-attention writes the current step at
-    `decode_position` into a `[batch, cache_length, heads, kv]` cache; cross-attention projects
-    the encoder output once, on the call that creates the cache, and reuses it.
+    Queries, keys and values are projected straight to `[batch, heads, length, kv]`, so that
+    scores and context are canonical batched matmuls (batch and heads leading); the output
+    projection contracts heads and kv back to `[batch, length, embed]`. The kernels keep their
+    `[embed, heads, kv]` / `[heads, kv, embed]` layout.
+
+    With `decode=True` keys and values are cached in the same layout: self-attention writes the
+    current step at `decode_position` into a `[batch, heads, cache_length, kv]` cache;
+    cross-attention projects the encoder output once, on the call that creates the cache, and
+    reuses it (`[batch, heads, source_length, kv]`).
     """
 
     config: T5Config
@@ -254,7 +260,7 @@ class MultiHeadAttention(nn.Module):
         cfg = self.config
         qkv_shape = (cfg.d_model, cfg.num_heads, cfg.d_kv)
         dense = functools.partial(
-            Projection, shape=qkv_shape, equation="bld,dhk->blhk", dtype=cfg.activation_dtype
+            Projection, shape=qkv_shape, equation="bld,dhk->bhlk", dtype=cfg.activation_dtype
         )
         qkv_axes = ("embed", "heads", "kv")
         query = dense(axes=qkv_axes, stddev=(cfg.d_model * cfg.d_kv) ** -0.5, name="query")(
@@ -270,17 +276,17 @@ class MultiHeadAttention(nn.Module):
         if self.decode and not self.is_cross_attention:
             key, value = self._append_to_cache(key, value, decode_position)
 
-        query = nn.with_logical_constraint(query, ("batch", "length", "heads", "kv"))
-        key = nn.with_logical_constraint(key, ("batch", "length", "heads", "kv"))
-        value = nn.with_logical_constraint(value, ("batch", "length", "heads", "kv"))
-        scores = jnp.einsum("bqhd,bkhd->bhqk", query, key, preferred_element_type=jnp.float32)
+        query = nn.with_logical_constraint(query, ("batch", "heads", "length", "kv"))
+        key = nn.with_logical_constraint(key, ("batch", "heads", "length", "kv"))
+        value = nn.with_logical_constraint(value, ("batch", "heads", "length", "kv"))
+        scores = jnp.einsum("bhqd,bhkd->bhqk", query, key, preferred_element_type=jnp.float32)
         weights = jax.nn.softmax(scores + bias, axis=-1).astype(cfg.activation_dtype)
         weights = nn.Dropout(cfg.dropout_rate)(weights, deterministic=self.deterministic)
-        context = jnp.einsum("bhqk,bkhd->bqhd", weights, value)
+        context = jnp.einsum("bhqk,bhkd->bhqd", weights, value)
         out = Projection(
             shape=(cfg.num_heads, cfg.d_kv, cfg.d_model),
             axes=("heads", "kv", "embed"),
-            equation="blhk,hkd->bld",
+            equation="bhlk,hkd->bld",
             stddev=(cfg.num_heads * cfg.d_kv) ** -0.5,
             dtype=cfg.activation_dtype,
             name="out",
@@ -293,11 +299,12 @@ class MultiHeadAttention(nn.Module):
         )
 
     def _append_to_cache(self, key: Array, value: Array, position: Array):
-        """Writes this step's `[batch, 1, heads, kv]` key/value at `position`; returns the cache."""
-        shape = (key.shape[0], self.cache_length, *key.shape[2:])
+        """Writes this step's `[batch, heads, 1, kv]` key/value at `position`; returns the
+        `[batch, heads, cache_length, kv]` cache."""
+        shape = (*key.shape[:2], self.cache_length, key.shape[3])
         cached_key = self.variable("cache", "cached_key", jnp.zeros, shape, key.dtype)
         cached_value = self.variable("cache", "cached_value", jnp.zeros, shape, value.dtype)
-        start = (0, position, 0, 0)
+        start = (0, 0, position, 0)
         cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, key, start)
         cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, value, start)
         return cached_key.value, cached_value.value

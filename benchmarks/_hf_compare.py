@@ -1,0 +1,96 @@
+"""Helpers shared by the benchmarks that race this project's decoding against Hugging Face
+`transformers`' `generate` on the same weights (`ssr_generate.py`, `decode.py`)."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+
+import gin
+import jax
+import numpy as np
+
+
+def load_model(gin_files: list[str], bindings: list[str]):
+    """The `T5` that the model Gin files' `MODEL_CONFIG` macro describes."""
+    import e2s2_jax.configurables  # noqa: F401
+
+    gin.parse_config_files_and_bindings(gin_files, bindings, finalize_config=False)
+    from e2s2_jax.models.t5 import T5
+
+    return T5(gin.query_parameter("MODEL_CONFIG/macro.value").scoped_configurable_fn())
+
+
+def hf_model_from_params(config, params, prefix: str = "hf-bench-"):
+    """`T5ForConditionalGeneration` (eval mode) loaded from `params` exported with `export_hf`
+    to a temporary directory: the same float32 weights on both sides."""
+    import transformers
+
+    from e2s2_jax.interop.hf import export_hf
+
+    with tempfile.TemporaryDirectory(prefix=prefix) as hf_dir:
+        export_hf(config, jax.device_get(params), hf_dir)
+        return transformers.T5ForConditionalGeneration.from_pretrained(hf_dir).eval()
+
+
+def rows_identical(ours: np.ndarray, theirs: np.ndarray) -> float:
+    """Fraction of rows of two `[batch, length]` token arrays that agree on their common width."""
+    width = min(ours.shape[1], theirs.shape[1])
+    return float(np.mean(np.all(ours[:, :width] == theirs[:, :width], axis=1)))
+
+
+def alternate(
+    fns: dict[str, Callable[[], object]], rounds: int, *, rotate: bool = False
+) -> dict[str, list[float]]:
+    """Seconds of each no-argument call per round, the contenders taking turns within a round
+    (so that load from other processes on a shared machine falls on all alike). Calls must
+    return host values (block on device work themselves). With `rotate`, round r starts at
+    contender r (mod their number), so that no contender always runs right after the same
+    other one: a JAX step run right after a torch step is slowed by it (measured: the same
+    T5-small step, 9.97 s there against 7.39 s after another JAX step)."""
+    names = list(fns)
+    seconds = {name: [] for name in names}
+    for round_index in range(rounds):
+        shift = round_index % len(names) if rotate else 0
+        for name in names[shift:] + names[:shift]:
+            start = time.perf_counter()
+            fns[name]()
+            seconds[name].append(time.perf_counter() - start)
+    return seconds
+
+
+def summary(seconds: list[float], work: float | None = None) -> dict:
+    """Median, spread (min, max) and all rounds of `seconds`; with `work` (e.g. tokens), the
+    median rate `work / median seconds` too."""
+    median = statistics.median(seconds)
+    result = {
+        "median_s": round(median, 4),
+        "min_s": round(min(seconds), 4),
+        "max_s": round(max(seconds), 4),
+        "rounds_s": [round(s, 4) for s in seconds],
+    }
+    if work is not None:
+        result["per_s"] = round(work / median, 1)
+    return result
+
+
+def environment(torch_threads: int) -> dict:
+    """The machine, library versions and thread counts, for the JSON report."""
+    import torch
+    import transformers
+
+    return {
+        "backend": jax.default_backend(),
+        "device": jax.devices()[0].device_kind,
+        "cpu_count": os.cpu_count(),
+        "platform": platform.processor() or platform.machine(),
+        "jax": jax.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "torch_threads": torch_threads,
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+    }
