@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks._hf_compare import (
+from benchmarks._common import (
     alternate,
     environment,
     hf_model_from_params,

@@ -30,17 +30,6 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 
-def load_config(model_gin: str):
-    import gin
-
-    import e2s2_jax.configurables  # noqa: F401
-
-    gin.parse_config_file(model_gin)
-    config = gin.query_parameter("%MODEL_CONFIG").scoped_configurable_fn()
-    gin.clear_config()
-    return config
-
-
 def synthetic_batch(
     seed: int, batch_size: int, inputs_length: int, targets_length: int, vocab_size: int
 ) -> dict[str, np.ndarray]:
@@ -79,6 +68,7 @@ def main(argv=None) -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args(argv)
 
+    from benchmarks._common import model_config
     from e2s2_jax.models.heads import DenoisingHead
     from e2s2_jax.models.t5 import T5
     from e2s2_jax.objectives import E2S2Objective, Seq2SeqObjective
@@ -86,7 +76,7 @@ def main(argv=None) -> None:
     from e2s2_jax.training.train_state import init_train_state
     from e2s2_jax.training.train_step import make_train_step
 
-    config = load_config(args.model_gin)
+    config = model_config([args.model_gin])
     mesh = partitioning.create_mesh()
     optimizer = optimizers.make_optimizer("adafactor", optimizers.rsqrt_schedule())
     plain = T5(config)

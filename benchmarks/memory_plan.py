@@ -136,28 +136,16 @@ def load_config(
     gin_bindings: Sequence[str] = (),
 ):
     """The file's MODEL_CONFIG (a T5Config) with its ACTIVATION_DTYPE, SCAN_LAYERS and
-    REMAT_POLICY macros overridden, then `gin_bindings` applied.
+    REMAT_POLICY macros overridden, then `gin_bindings` applied (without TensorFlow)."""
+    from benchmarks._common import model_config
 
-    Registers only T5Config with Gin (as `e2s2_jax.T5Config`, the name configurables.py gives
-    it), so the plan runs without TensorFlow.
-    """
-    import gin
-
-    from e2s2_jax.models import t5
-
-    gin.external_configurable(t5.T5Config, module="e2s2_jax")
     bindings = [
         f'ACTIVATION_DTYPE = "{activation_dtype}"',
         f"SCAN_LAYERS = {scan_layers}",
         f'REMAT_POLICY = "{remat_policy}"',
         *gin_bindings,
     ]
-    gin.clear_config()
-    try:
-        gin.parse_config_files_and_bindings([model_gin], bindings)
-        return gin.query_parameter("%MODEL_CONFIG").scoped_configurable_fn()
-    finally:
-        gin.clear_config()
+    return model_config([model_gin], bindings)
 
 
 def sharded_bytes(structs: Any, shardings: Any) -> int:

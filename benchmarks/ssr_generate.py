@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks._hf_compare import hf_model_from_params, load_model, rows_identical
+from benchmarks._common import hf_model_from_params, load_model, rows_identical
 from e2s2_jax.data.corpus import BUNDLED_VALIDATION_FILES
 from e2s2_jax.data.text_source import read_text_documents
 from e2s2_jax.data.vocab import get_vocabulary

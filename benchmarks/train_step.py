@@ -53,7 +53,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import optax  # noqa: E402
 
-from benchmarks._hf_compare import alternate, load_model, summary  # noqa: E402
+from benchmarks._common import alternate, load_model, summary  # noqa: E402
 from benchmarks.e2s2_step import synthetic_batch  # noqa: E402
 
 LEARNING_RATE = 1e-4
@@ -133,7 +133,7 @@ class HFStep:
     def __init__(self, config, params, batch: dict, threads: int):
         import torch
 
-        from benchmarks._hf_compare import hf_model_from_params
+        from benchmarks._common import hf_model_from_params
 
         torch.set_num_threads(threads)
         self.model = hf_model_from_params(config, params).train()
@@ -322,7 +322,7 @@ def main(argv: list[str] | None = None) -> None:
     if "rss" in contenders:
         _log("peak RSS probes (child processes)")
         report["memory"] = {c: _measure_rss(c, argv) for c in ("ours", "hf")}
-    from benchmarks._hf_compare import environment
+    from benchmarks._common import environment
 
     report["environment"] = (
         environment(os.cpu_count() or 1)

@@ -146,8 +146,8 @@ class E2S2Objective:
     `nll_masked` (cross-entropy without z-loss), `z_loss` (the weighted z-loss part of
     `loss`), `denoise_loss`, `denoise_accuracy`, `denoise_majority_rate` (the fraction of
     positions labelled untouched: the accuracy of the majority-class guess), `contrast_loss`,
-    `contrast_accuracy` (anchors
-    whose positive beats every negative), `contrast_dropped_segments`; each only when its term
+    `contrast_accuracy` (anchors whose positive beats every negative),
+    `contrast_dropped_segments`; each only when its term
     is computed. Normalizers: `weight_sum` (target tokens), `denoise_weight_sum` (view N's
     non-pad positions), `contrast_anchor_count` (2 x pooled examples).
     """

@@ -98,9 +98,9 @@ def test_flops_per_token_is_six_n_plus_attention():
     # The per-token figure of a long-context-free limit: with lengths of 1, attention is
     # negligible and a row costs 6 x (matmul parameters the row's two tokens touch).
     config = SMALLISH
-    per_token = flops.train_flops_per_token(config, 1, 1)
+    row = flops.step_flops(config, 1, 1, 1).train  # one input and one target token
     d, i, f = config.d_model, config.num_heads * config.d_kv, config.d_ff
     encoder_params = config.num_encoder_layers * (4 * d * i + 3 * d * f)
     decoder_params = config.num_decoder_layers * (8 * d * i + 3 * d * f) + d * config.vocab_size
     attention = 3 * (config.num_encoder_layers * 4 * i + config.num_decoder_layers * 8 * i)
-    assert per_token * 2 == 6 * (encoder_params + decoder_params) + attention
+    assert row == 6 * (encoder_params + decoder_params) + attention

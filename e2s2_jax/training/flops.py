@@ -60,9 +60,3 @@ def step_flops(
         decoder=float(batch_size * config.num_decoder_layers * decoder_layer),
         output_projection=float(batch_size * lt * 2 * d * vocab),
     )
-
-
-def train_flops_per_token(config: T5Config, inputs_length: int, targets_length: int) -> float:
-    """Train-step model FLOPs per token of a row (`inputs_length + targets_length` tokens)."""
-    flops = step_flops(config, 1, inputs_length, targets_length).train
-    return flops / (inputs_length + targets_length)

@@ -1,5 +1,6 @@
-"""Helpers shared by the benchmarks that race this project's decoding against Hugging Face
-`transformers`' `generate` on the same weights (`ssr_generate.py`, `decode.py`)."""
+"""Helpers shared by the benchmarks: the model from its Gin file, and the pieces of the races
+against Hugging Face `transformers` on the same weights (`ssr_generate.py`, `decode.py`,
+`train_step.py`)."""
 
 from __future__ import annotations
 
@@ -8,21 +9,36 @@ import platform
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import gin
 import jax
 import numpy as np
 
 
-def load_model(gin_files: list[str], bindings: list[str]):
-    """The `T5` that the model Gin files' `MODEL_CONFIG` macro describes."""
-    import e2s2_jax.configurables  # noqa: F401
+def model_config(gin_files: Sequence[str], bindings: Sequence[str] = ()):
+    """The `T5Config` that the model Gin files' `MODEL_CONFIG` macro describes, after
+    `bindings` (e.g. `ACTIVATION_DTYPE = "bfloat16"`). Leaves Gin's config empty.
 
-    gin.parse_config_files_and_bindings(gin_files, bindings, finalize_config=False)
+    Registers only `T5Config` with Gin (under the name `e2s2_jax/configurables.py` gives it), so
+    that benchmarks run without TensorFlow, on an accelerator image too.
+    """
+    from e2s2_jax.models import t5
+
+    gin.external_configurable(t5.T5Config, module="e2s2_jax")
+    gin.clear_config()
+    try:
+        gin.parse_config_files_and_bindings(list(gin_files), list(bindings))
+        return gin.query_parameter("%MODEL_CONFIG").scoped_configurable_fn()
+    finally:
+        gin.clear_config()
+
+
+def load_model(gin_files: Sequence[str], bindings: Sequence[str] = ()):
+    """A plain `T5` of `model_config(gin_files, bindings)`."""
     from e2s2_jax.models.t5 import T5
 
-    return T5(gin.query_parameter("MODEL_CONFIG/macro.value").scoped_configurable_fn())
+    return T5(model_config(gin_files, bindings))
 
 
 def hf_model_from_params(config, params, prefix: str = "hf-bench-"):
