@@ -662,6 +662,12 @@ def _task_examples(task_name: str, split: str, lengths: Mapping[str, int], max_e
     return task, list(dataset.take(max_examples).as_numpy_iterator())
 
 
+def _target_text(example: Mapping, vocabulary) -> str:
+    if "targets_pretokenized" in example:
+        return example["targets_pretokenized"].decode()
+    return vocabulary.decode([int(t) for t in example["targets"] if t > 1])
+
+
 @gin.configurable(module="e2s2_jax")
 def evaluate(
     *,
@@ -721,20 +727,21 @@ def evaluate(
             _pad_rows(rows[i : i + batch_size], task_feature_lengths["inputs"])
             for i in range(0, len(rows), batch_size)
         ]
+        decoded = _decode_texts(model, params, decode_config, vocabulary, token_batches)
+        # SeqIO's convention: the task's postprocess_fn sees each output with its example
+        # (e.g. an edit metric's target becomes {source, reference}).
         predictions = [
-            text
-            for text, _ in _decode_texts(model, params, decode_config, vocabulary, token_batches)
+            task.postprocess_fn(text, example=example, is_target=False)
+            for (text, _), example in zip(decoded, examples, strict=True)
         ]
         targets = [
-            e["targets_pretokenized"].decode()
-            if "targets_pretokenized" in e
-            else vocabulary.decode([int(t) for t in e["targets"] if t > 1])
-            for e in examples
+            task.postprocess_fn(_target_text(example, vocabulary), example=example, is_target=True)
+            for example in examples
         ]
         for metric_fn in metric_fns:
             results.update({k: float(v) for k, v in metric_fn(targets, predictions).items()})
         for target, prediction in list(zip(targets, predictions, strict=True))[:3]:
-            log(f"  target:     {target[:100]}\n  prediction: {prediction[:100]}")
+            log(f"  target:     {str(target)[:100]}\n  prediction: {str(prediction)[:100]}")
     writer = MetricsWriter(model_dir, "eval", enabled=jax.process_index() == 0)
     writer.write(step or 0, results)
     writer.close()
