@@ -1,0 +1,659 @@
+"""The method comparison study: each pretraining objective, a fixed token budget, every
+downstream task, several seeds; a table and plots of the outcome.
+
+For each objective (span corruption, E2S2, its denoise-only and contrast-only ablations, SSR with
+a generator the study first pretrains at a larger size) and seed: pretrain on the bundled corpus
+for the same steps x batch x lengths, fine-tune on each downstream task (tasks/downstream.py),
+evaluate on its test split. Span corruption's checkpoints are also fine-tuned with SurfaceFusion
+added ("span_corruption+surface_fusion"). Writes, under --out:
+
+  results.json             every run's metrics, the pretraining curves, the settings, timings
+  results.md               mean +- std per objective and task, and the difference from span
+                           corruption with whether it is outside the noise (2 standard errors)
+  pretraining_curves.png   each objective's pretraining loss against step (mean over seeds)
+  tasks.png                per-task bars with error bars (std over seeds)
+  runs/                    the checkpoints and logs of every run (a rerun skips finished runs)
+
+  python -m e2s2_jax.study --quick            # tiny model; about an hour on 2 CPU cores
+  python -m e2s2_jax.study --size small       # T5 1.1 small, for a GPU
+
+The vocabulary is a SentencePiece model of the demo size trained on the pretraining corpus and
+the downstream train splits (the Austen-only demo vocabulary has no Spanish accents).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gzip
+import json
+import math
+import os
+import platform
+import shlex
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import gin  # noqa: E402
+import numpy as np  # noqa: E402
+
+from e2s2_jax import main as entry  # noqa: E402
+
+# Each task's headline metric (the table's; every metric is kept in results.json).
+HEADLINE = {
+    "kjv_to_sparv": "bleu",
+    "kjv_to_web": "bleu",
+    "wiki_summary": "rougeLsum",
+    "wiki_topic": "accuracy",
+    "spelling_grammar": "edit_f0.5",
+}
+BASELINE = "span_corruption"
+
+
+@dataclasses.dataclass(frozen=True)
+class StudySize:
+    """One size of the study: the models, the budgets and the evaluation."""
+
+    model_gin: str
+    generator_bindings: tuple[str, ...]  # the SSR generator: the model file made larger
+    pretrain_steps: int
+    pretrain_batch: int
+    pretrain_lengths: tuple[int, int]
+    pretrain_peak_lr: float
+    generator_steps: int
+    ssr_examples: int
+    finetune_steps: int
+    finetune_batch: int
+    finetune_lengths: tuple[int, int]
+    finetune_lr: float
+    test_examples: int
+    decode_length: int
+
+
+SIZES = {
+    "quick": StudySize(
+        model_gin="gin/models/t5_1_1_tiny.gin",
+        generator_bindings=(
+            "T5Config.d_model=128",
+            "T5Config.d_ff=256",
+            "T5Config.d_kv=32",
+            "T5Config.num_encoder_layers=3",
+            "T5Config.num_decoder_layers=3",
+        ),
+        pretrain_steps=150,
+        pretrain_batch=32,
+        pretrain_lengths=(128, 32),
+        pretrain_peak_lr=0.01,
+        generator_steps=300,
+        ssr_examples=2048,
+        finetune_steps=60,
+        finetune_batch=16,
+        finetune_lengths=(128, 64),
+        finetune_lr=3e-3,
+        test_examples=96,
+        decode_length=64,
+    ),
+    # For tests of the pipeline: a few steps of everything (the numbers mean nothing).
+    "smoke": StudySize(
+        model_gin="gin/models/t5_1_1_tiny.gin",
+        generator_bindings=("T5Config.d_model=96", "T5Config.num_encoder_layers=3"),
+        pretrain_steps=4,
+        pretrain_batch=8,
+        pretrain_lengths=(64, 16),
+        pretrain_peak_lr=0.01,
+        generator_steps=4,
+        ssr_examples=64,
+        finetune_steps=3,
+        finetune_batch=8,
+        finetune_lengths=(64, 32),
+        finetune_lr=3e-3,
+        test_examples=8,
+        decode_length=8,
+    ),
+    "small": StudySize(
+        model_gin="gin/models/t5_1_1_small.gin",
+        generator_bindings=(
+            "T5Config.d_model=768",
+            "T5Config.d_ff=2048",
+            "T5Config.num_heads=12",
+            "T5Config.num_encoder_layers=12",
+            "T5Config.num_decoder_layers=12",
+        ),
+        pretrain_steps=20000,
+        pretrain_batch=128,
+        pretrain_lengths=(512, 114),
+        pretrain_peak_lr=0.01,
+        generator_steps=40000,
+        ssr_examples=500_000,
+        finetune_steps=4000,
+        finetune_batch=64,
+        finetune_lengths=(256, 128),
+        finetune_lr=1e-3,
+        test_examples=2000,
+        decode_length=128,
+    ),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """A pretraining objective: the task kind it reads and the Gin files that set it up."""
+
+    task_objective: str  # preprocessors objective of its pretraining task, or "ssr"
+    gin_files: tuple[str, ...] = ()
+
+
+OBJECTIVES = {
+    "span_corruption": Objective("span_corruption"),
+    "e2s2": Objective("e2s2", ("gin/objectives/e2s2.gin",)),
+    "e2s2_denoise_only": Objective("e2s2", ("gin/objectives/e2s2_denoise_only.gin",)),
+    "e2s2_contrast_only": Objective("e2s2", ("gin/objectives/e2s2_contrast_only.gin",)),
+    "ssr": Objective("ssr", ("gin/objectives/ssr.gin",)),
+}
+# Fine-tuning variants: (pretrained objective, extra fine-tuning Gin files).
+VARIANTS = {name: (name, ()) for name in OBJECTIVES} | {
+    "span_corruption+surface_fusion": (BASELINE, ("gin/models/surface_fusion_finetune.gin",)),
+}
+
+
+def log(message: str) -> None:
+    print(f"[study {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def run_main(argv: list[str]):
+    """Runs `python -m e2s2_jax.main ARGV` in this process (the study's tasks are registered
+    here); returns the mode's result (train: last metrics, eval: metrics)."""
+    print("$ python -m e2s2_jax.main " + shlex.join(argv), flush=True)
+    gin.clear_config()
+    args, bindings = entry.parse_flags(argv)
+    entry.parse_gin(args.mode, args.gin_file, bindings, args.gin_search_paths)
+    if args.mode == "ssr-generate":
+        from e2s2_jax.ssr.job import ssr_generate
+
+        return ssr_generate()
+    return {"train": entry.train, "eval": entry.evaluate}[args.mode]()
+
+
+def _lengths(lengths: tuple[int, int]) -> str:
+    return f"--gin.TASK_FEATURE_LENGTHS={{'inputs': {lengths[0]}, 'targets': {lengths[1]}}}"
+
+
+def _finished(model_dir: Path, steps: int) -> bool:
+    return (model_dir / "checkpoints" / str(steps)).is_dir()
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def study_vocabulary(out_dir: Path):
+    """The study's vocabulary: demo-sized SentencePiece on the pretraining corpus plus every
+    downstream train split (both sides). Returns (seqio vocabulary, .model path)."""
+    from e2s2_jax.data.corpus import BUNDLED_TRAIN_FILES, DEMO_VOCAB_SIZE
+    from e2s2_jax.data.vocab import get_vocabulary, train_sentencepiece
+    from tasks.downstream import DOWNSTREAM_SPECS, dataset_files, read_tsv_examples
+
+    text_path = out_dir / "vocab_text" / "downstream_train.txt.gz"
+    text_path.parent.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for dataset in DOWNSTREAM_SPECS:
+        for inputs, targets in read_tsv_examples(dataset_files(dataset)["train"]):
+            lines += [inputs, targets]
+    content = gzip.compress(("\n".join(lines) + "\n").encode(), mtime=0)
+    if not text_path.exists() or text_path.read_bytes() != content:
+        text_path.write_bytes(content)
+    spm_path = train_sentencepiece([*BUNDLED_TRAIN_FILES, str(text_path)], DEMO_VOCAB_SIZE)
+    return get_vocabulary(spm_path), spm_path
+
+
+def register_study_tasks(vocabulary) -> dict[str, str]:
+    """Registers the pretraining tasks (study_<objective kind>) and the downstream tasks with
+    the study vocabulary; returns {objective kind: pretraining task name}."""
+    from e2s2_jax.data.corpus import BUNDLED_TRAIN_FILES, BUNDLED_VALIDATION_FILES
+    from tasks.downstream import register_downstream_tasks
+    from tasks.registration import register_text_task
+
+    splits = {"train": BUNDLED_TRAIN_FILES, "validation": BUNDLED_VALIDATION_FILES}
+    names = {}
+    for kind in ("span_corruption", "e2s2"):
+        names[kind] = f"study_{kind}"
+        register_text_task(names[kind], splits, kind, vocabulary)
+    register_downstream_tasks(vocabulary)
+    return names
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+class Study:
+    def __init__(
+        self,
+        size: StudySize,
+        out_dir: Path,
+        seeds: Sequence[int],
+        tasks: Sequence[str],
+        objectives: Sequence[str] = tuple(OBJECTIVES),
+    ):
+        self.size = size
+        self.out_dir = out_dir
+        self.runs = out_dir / "runs"
+        self.seeds = list(seeds)
+        self.tasks = list(tasks)
+        self.objectives = list(objectives)
+        # A fine-tuning variant runs when the objective it starts from is in the study.
+        self.variants = [v for v, (o, _) in VARIANTS.items() if o in self.objectives]
+        self.started = time.time()
+        self.vocabulary, self.spm_path = study_vocabulary(out_dir)
+        self.pretrain_tasks = register_study_tasks(self.vocabulary)
+        self.stage_seconds: dict[str, float] = {}
+
+    def _pretrain_argv(self, model_dir: Path, task: str, steps: int, seed: int, extra=()):
+        size = self.size
+        return [
+            "train",
+            f"--gin_file={size.model_gin}",
+            "--gin_file=gin/runs/pretrain.gin",
+            "--gin_file=gin/runs/adamw.gin",
+            *extra,
+            f'--gin.MODEL_DIR="{model_dir}"',
+            f'--gin.MIXTURE_OR_TASK_NAME="{task}"',
+            _lengths(size.pretrain_lengths),
+            f"--gin.TRAIN_STEPS={steps}",
+            f"--gin.BATCH_SIZE={size.pretrain_batch}",
+            f"--gin.optax.warmup_cosine_decay_schedule.peak_value={size.pretrain_peak_lr}",
+            f"--gin.optax.warmup_cosine_decay_schedule.warmup_steps={max(1, steps // 8)}",
+            f"--gin.train.seed={seed}",
+            f"--gin.train.data_seed={seed}",
+            f"--gin.train.log_every={max(1, steps // 15)}",
+            f"--gin.train.checkpoint_every={steps}",
+            "--gin.train.keep_checkpoints=1",
+            "--gin.train.eval_every=0",
+        ]
+
+    def ssr_records(self) -> Path:
+        """Pretrains the larger generator with span corruption, then fills spans with it."""
+        size = self.size
+        generator_dir = self.runs / "ssr_generator"
+        records_dir = self.runs / "ssr_records"
+        if not _finished(generator_dir, size.generator_steps):
+            log(f"SSR generator: pretraining {size.generator_steps} steps at the larger size")
+            run_main(
+                self._pretrain_argv(
+                    generator_dir,
+                    self.pretrain_tasks["span_corruption"],
+                    size.generator_steps,
+                    seed=0,
+                )
+                + [f"--gin.{binding}" for binding in size.generator_bindings]
+            )
+        if not (records_dir / "summary.json").exists():
+            log(f"SSR records: the generator fills spans of {size.ssr_examples} windows")
+            run_main(
+                [
+                    "ssr-generate",
+                    f"--gin_file={size.model_gin}",
+                    "--gin_file=gin/runs/ssr_generate.gin",
+                    *[f"--gin.{binding}" for binding in size.generator_bindings],
+                    f'--gin.GENERATOR_DIR="{generator_dir}"',
+                    f'--gin.SSR_OUTPUT_DIR="{records_dir}"',
+                    f'--gin.ssr_generate.mixture_or_task_name="{self.pretrain_tasks["span_corruption"]}"',
+                    f'--gin.ssr_generate.vocabulary_model="{self.spm_path}"',
+                    f"--gin.ssr_generate.max_examples={size.ssr_examples}",
+                    f"--gin.ssr_generate.max_words_per_example={size.pretrain_lengths[0] // 2}",
+                    f"--gin.ssr_generate.max_input_length={size.pretrain_lengths[0]}",
+                    "--gin.ssr_generate.examples_per_chunk=512",
+                ]
+            )
+        summary = json.loads((records_dir / "summary.json").read_text())
+        if not summary.get("kept"):
+            raise RuntimeError(
+                f"SSR generation kept no records ({records_dir}/summary.json: dropped "
+                f"{summary.get('dropped')}): the generator in {generator_dir} is too weakly "
+                "trained to emit its sentinels; give it more steps (StudySize.generator_steps)"
+            )
+        log(f"SSR records: kept {summary['kept']} of {summary['examples']} windows")
+        return records_dir
+
+    def pretrain(self, objective: str, seed: int) -> Path:
+        spec = OBJECTIVES[objective]
+        model_dir = self.runs / "pretrain" / objective / f"seed{seed}"
+        if _finished(model_dir, self.size.pretrain_steps):
+            return model_dir
+        extra = list(f"--gin_file={name}" for name in spec.gin_files)
+        if spec.task_objective == "ssr":
+            records = self.ssr_records()
+            task = "unused"
+            extra += [
+                f'--gin.SSR_RECORDS_DIR="{records}"',
+                f'--gin.ssr_mixture_or_task.vocabulary_model="{self.spm_path}"',
+            ]
+        else:
+            task = self.pretrain_tasks[spec.task_objective]
+        argv = self._pretrain_argv(model_dir, task, self.size.pretrain_steps, seed, extra)
+        if spec.task_objective == "ssr":  # ssr.gin binds the task itself
+            argv = [a for a in argv if not a.startswith("--gin.MIXTURE_OR_TASK_NAME=")]
+        run_main(argv)
+        return model_dir
+
+    def finetune_and_test(self, variant: str, seed: int, dataset: str, pretrained: Path) -> dict:
+        from tasks.downstream import DOWNSTREAM_TASKS
+
+        size = self.size
+        _, gin_files = VARIANTS[variant]
+        model_dir = self.runs / "finetune" / variant / f"seed{seed}" / dataset
+        result_path = model_dir / "test_metrics.json"
+        if result_path.exists():
+            return json.loads(result_path.read_text())
+        task = DOWNSTREAM_TASKS[dataset]
+        model_files = [f"--gin_file={size.model_gin}", *(f"--gin_file={g}" for g in gin_files)]
+        common = [
+            f'--gin.MODEL_DIR="{model_dir}"',
+            f'--gin.MIXTURE_OR_TASK_NAME="{task}"',
+            _lengths(size.finetune_lengths),
+        ]
+        if not _finished(model_dir, size.finetune_steps):
+            run_main(
+                [
+                    "train",
+                    model_files[0],
+                    "--gin_file=gin/runs/finetune.gin",
+                    *model_files[1:],
+                    *common,
+                    f'--gin.INITIAL_CHECKPOINT="{pretrained}"',
+                    f"--gin.TRAIN_STEPS={size.finetune_steps}",
+                    f"--gin.BATCH_SIZE={size.finetune_batch}",
+                    f"--gin.optax.constant_schedule.value={size.finetune_lr}",
+                    f"--gin.train.seed={seed}",
+                    f"--gin.train.data_seed={seed}",
+                    f"--gin.train.log_every={max(1, size.finetune_steps // 3)}",
+                    f"--gin.train.checkpoint_every={size.finetune_steps}",
+                    "--gin.train.keep_checkpoints=1",
+                    "--gin.train.eval_every=0",
+                ]
+            )
+        metrics = run_main(
+            [
+                "eval",
+                model_files[0],
+                "--gin_file=gin/runs/eval.gin",
+                *model_files[1:],
+                *common,
+                '--gin.evaluate.split="test"',
+                "--gin.evaluate.eval_batches=2",
+                f"--gin.evaluate.max_decode_examples={size.test_examples}",
+                f"--gin.DecodeConfig.max_decode_length={size.decode_length}",
+            ]
+        )
+        result_path.write_text(json.dumps(metrics, indent=1, sort_keys=True))
+        return metrics
+
+    def run(self) -> dict:
+        pretrained: dict[tuple[str, int], Path] = {}
+        finetuned: dict[str, dict[str, dict[str, dict]]] = {}
+        jobs = [(o, s) for o in self.objectives for s in self.seeds]
+        for i, (objective, seed) in enumerate(jobs, start=1):
+            log(f"pretrain {i}/{len(jobs)}: {objective}, seed {seed} ({self._elapsed()})")
+            start = time.time()
+            pretrained[objective, seed] = self.pretrain(objective, seed)
+            self._add_time(f"pretrain/{objective}", start)
+        jobs = [(v, s, t) for v in self.variants for s in self.seeds for t in self.tasks]
+        for i, (variant, seed, dataset) in enumerate(jobs, start=1):
+            log(f"fine-tune {i}/{len(jobs)}: {variant}, seed {seed}, {dataset} ({self._elapsed()})")
+            start = time.time()
+            checkpoint = pretrained[VARIANTS[variant][0], seed]
+            metrics = self.finetune_and_test(variant, seed, dataset, checkpoint)
+            finetuned.setdefault(variant, {}).setdefault(dataset, {})[str(seed)] = metrics
+            self._add_time(f"finetune/{variant}", start)
+        return self.results(pretrained, finetuned)
+
+    def _elapsed(self) -> str:
+        return f"{(time.time() - self.started) / 60:.1f} min so far"
+
+    def _add_time(self, key: str, start: float) -> None:
+        self.stage_seconds[key] = self.stage_seconds.get(key, 0.0) + time.time() - start
+
+    def results(self, pretrained, finetuned) -> dict:
+        curves = {}
+        for (objective, seed), model_dir in pretrained.items():
+            curves.setdefault(objective, {})[str(seed)] = read_curve(
+                model_dir / "train_metrics.jsonl"
+            )
+        return {
+            "size": dataclasses.asdict(self.size),
+            "seeds": self.seeds,
+            "objectives": self.objectives,
+            "variants": self.variants,
+            "tasks": self.tasks,
+            "headline_metrics": {t: HEADLINE[t] for t in self.tasks},
+            "vocabulary": self.spm_path,
+            "machine": machine_description(),
+            "date": time.strftime("%Y-%m-%d"),
+            "elapsed_s": round(time.time() - self.started, 1),
+            "stage_seconds": {k: round(v, 1) for k, v in self.stage_seconds.items()},
+            "pretraining_curves": curves,
+            "finetune": finetuned,
+            "summary": summarize(finetuned, self.tasks),
+        }
+
+
+def read_curve(path: Path) -> list[list[float]]:
+    """[[step, loss], ...] of a run's train_metrics.jsonl (the objective's own loss)."""
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [[row["step"], row["loss"]] for row in rows if "loss" in row]
+
+
+def machine_description() -> str:
+    import jax
+
+    device = jax.devices()[0]
+    return (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
+        f"jax {jax.__version__} on {device.platform} ({device.device_kind})"
+    )
+
+
+# ----------------------------------------------------------------------------- summary
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    array = np.asarray(values, np.float64)
+    return float(array.mean()), float(array.std(ddof=1)) if len(array) > 1 else 0.0
+
+
+def summarize(finetuned: dict, tasks: Sequence[str]) -> dict:
+    """{variant: {task: {metric, mean, std, n, diff, diff_se, outside_noise}}} for the headline
+    metrics; diff is against span corruption, outside_noise when |diff| > 2 standard errors."""
+    summary: dict[str, dict] = {}
+    for variant, by_task in finetuned.items():
+        for dataset in tasks:
+            metric = HEADLINE[dataset]
+            values = [m[metric] for m in by_task.get(dataset, {}).values()]
+            if not values:
+                continue
+            mean, std = mean_std(values)
+            summary.setdefault(variant, {})[dataset] = {
+                "metric": metric,
+                "mean": mean,
+                "std": std,
+                "n": len(values),
+                "values": values,
+            }
+    base = summary.get(BASELINE, {})
+    for variant, by_task in summary.items():
+        for dataset, entry_ in by_task.items():
+            if variant == BASELINE or dataset not in base:
+                continue
+            other = base[dataset]
+            se = math.sqrt(entry_["std"] ** 2 / entry_["n"] + other["std"] ** 2 / other["n"])
+            entry_["diff"] = entry_["mean"] - other["mean"]
+            entry_["diff_se"] = se
+            entry_["outside_noise"] = bool(abs(entry_["diff"]) > 2 * se and se > 0)
+    return summary
+
+
+def markdown_table(results: dict) -> str:
+    """The results as Markdown: mean +- std per variant and task, then the differences."""
+    tasks = results["tasks"]
+    summary = results["summary"]
+    header = "| pretraining objective | " + " | ".join(
+        f"{t} ({results['headline_metrics'][t]})" for t in tasks
+    )
+    lines = [header + " |", "|---" * (len(tasks) + 1) + "|"]
+    for variant, by_task in summary.items():
+        cells = []
+        for dataset in tasks:
+            cell = by_task.get(dataset)
+            cells.append(f"{cell['mean']:.2f} ± {cell['std']:.2f}" if cell else "—")
+        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    lines += ["", f"Difference from {BASELINE} (± its standard error; * outside 2 s.e.):", ""]
+    lines += [
+        "| objective | " + " | ".join(tasks) + " |",
+        "|---" * (len(tasks) + 1) + "|",
+    ]
+    for variant, by_task in summary.items():
+        if variant == BASELINE:
+            continue
+        cells = []
+        for dataset in tasks:
+            cell = by_task.get(dataset, {})
+            if "diff" not in cell:
+                cells.append("—")
+                continue
+            star = " *" if cell["outside_noise"] else ""
+            cells.append(f"{cell['diff']:+.2f} ± {cell['diff_se']:.2f}{star}")
+        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    size = results["size"]
+    lines += [
+        "",
+        f"{len(results['seeds'])} seeds; model `{size['model_gin']}`; pretraining "
+        f"{size['pretrain_steps']} steps x {size['pretrain_batch']} x "
+        f"{size['pretrain_lengths']} tokens; fine-tuning {size['finetune_steps']} steps x "
+        f"{size['finetune_batch']}; test metrics on the first {size['test_examples']} test "
+        f"examples. Machine: {results['machine']}; {results['date']}; "
+        f"{results['elapsed_s'] / 60:.0f} min.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def curves_figure(results: dict):
+    """The pretraining curves: each objective's loss against step, mean over seeds (min-max
+    shaded). Returns the matplotlib Figure."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(7, 4.5))
+    axis = figure.subplots()
+    for objective, by_seed in results["pretraining_curves"].items():
+        curves = [np.asarray(c, np.float64) for c in by_seed.values() if c]
+        if not curves:
+            continue
+        length = min(len(c) for c in curves)
+        steps = curves[0][:length, 0]
+        losses = np.stack([c[:length, 1] for c in curves])
+        axis.plot(steps, losses.mean(0), label=objective)
+        axis.fill_between(steps, losses.min(0), losses.max(0), alpha=0.2)
+    axis.set_xlabel("pretraining step")
+    axis.set_ylabel("training loss (each objective's own)")
+    axis.set_title("Pretraining: mean over seeds, min-max shaded")
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    return figure
+
+
+def tasks_figure(results: dict):
+    """One panel per task: each variant's headline test metric, mean with std error bars."""
+    from matplotlib.figure import Figure
+
+    tasks, summary = results["tasks"], results["summary"]
+    variants = list(summary)
+    figure = Figure(figsize=(3.2 * len(tasks), 4.6))
+    axes = figure.subplots(1, len(tasks), squeeze=False)[0]
+    for axis, dataset in zip(axes, tasks, strict=True):
+        means = [summary[v].get(dataset, {}).get("mean", np.nan) for v in variants]
+        stds = [summary[v].get(dataset, {}).get("std", 0.0) for v in variants]
+        colors = [f"C{i}" for i in range(len(variants))]
+        axis.bar(range(len(variants)), means, yerr=stds, capsize=3, color=colors)
+        axis.set_xticks(range(len(variants)), variants, rotation=60, ha="right", fontsize=7)
+        axis.set_title(dataset, fontsize=9)
+        metric = results["headline_metrics"][dataset]
+        axis.set_ylabel(f"test {metric} (mean ± std over seeds)", fontsize=8)
+        axis.set_xlabel("pretraining objective", fontsize=8)
+    figure.tight_layout()
+    return figure
+
+
+def plot(results: dict, out_dir: Path) -> list[Path]:
+    """Writes pretraining_curves.png and tasks.png; returns their paths."""
+    paths = [out_dir / "pretraining_curves.png", out_dir / "tasks.png"]
+    for path, figure in zip(paths, (curves_figure(results), tasks_figure(results)), strict=True):
+        figure.savefig(path, dpi=110)
+    return paths
+
+
+def write_outputs(results: dict, out_dir: Path) -> None:
+    (out_dir / "results.json").write_text(json.dumps(results, indent=1))
+    (out_dir / "results.md").write_text(markdown_table(results))
+    plot(results, out_dir)
+
+
+def _enable_compilation_cache(out_dir: Path) -> None:
+    # Every fine-tune of a size compiles the same programs: cache them across runs.
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", str(out_dir / "jax_cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from tasks.downstream import DOWNSTREAM_SPECS
+
+    parser = argparse.ArgumentParser(
+        prog="python -m e2s2_jax.study",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--quick", action="store_true", help="the same as --size quick")
+    parser.add_argument("--size", choices=sorted(SIZES), default=None)
+    parser.add_argument("--out", default="study", help="output directory (default: study/)")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument(
+        "--tasks", default=",".join(DOWNSTREAM_SPECS), help="comma-separated downstream datasets"
+    )
+    parser.add_argument(
+        "--objectives", default=",".join(OBJECTIVES), help="comma-separated pretraining objectives"
+    )
+    args = parser.parse_args(argv)
+    if args.quick and args.size not in (None, "quick"):
+        parser.error("--quick is --size quick; give one of them")
+    size_name = "quick" if args.quick or args.size is None else args.size
+    tasks = [t for t in args.tasks.split(",") if t]
+    unknown = sorted(set(tasks) - set(HEADLINE))
+    if unknown:
+        parser.error(f"--tasks: unknown {unknown}; choose from {sorted(HEADLINE)}")
+    objectives = [o for o in args.objectives.split(",") if o]
+    unknown = sorted(set(objectives) - set(OBJECTIVES))
+    if unknown or not objectives:
+        parser.error(f"--objectives: unknown {unknown}; choose from {sorted(OBJECTIVES)}")
+    if args.seeds < 1:
+        parser.error("--seeds must be at least 1")
+    out_dir = Path(args.out).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _enable_compilation_cache(out_dir)
+    log(f"size {size_name}, {args.seeds} seeds, tasks {tasks}, output {out_dir}")
+    study = Study(SIZES[size_name], out_dir, range(args.seeds), tasks, objectives)
+    results = study.run()
+    results["size_name"] = size_name
+    write_outputs(results, out_dir)
+    log(f"done in {results['elapsed_s'] / 60:.1f} min: {out_dir}/results.md\n")
+    print((out_dir / "results.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,164 @@
+"""The study's summary, table and figures (on made-up run metrics), and the pipeline end to end at
+its smoke size (a few steps of every stage; the numbers mean nothing)."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+
+import numpy as np
+import pytest
+
+from e2s2_jax import study
+
+
+def _finetuned(values_by_variant):
+    """{variant: {task: {seed: {metric: value}}}} from {variant: {task: [values]}}."""
+    return {
+        variant: {
+            task: {str(seed): {study.HEADLINE[task]: v} for seed, v in enumerate(values)}
+            for task, values in by_task.items()
+        }
+        for variant, by_task in values_by_variant.items()
+    }
+
+
+def test_summary_means_stds_and_noise_against_the_statistics_module():
+    values = {
+        "span_corruption": {"wiki_topic": [40.0, 42.0, 44.0], "kjv_to_web": [10.0, 10.5, 9.5]},
+        "e2s2": {"wiki_topic": [50.0, 51.0, 52.0], "kjv_to_web": [10.2, 9.8, 10.9]},
+    }
+    summary = study.summarize(_finetuned(values), ["wiki_topic", "kjv_to_web"])
+    for variant, by_task in values.items():
+        for task, numbers in by_task.items():
+            cell = summary[variant][task]
+            assert cell["mean"] == pytest.approx(statistics.mean(numbers))
+            assert cell["std"] == pytest.approx(statistics.stdev(numbers))
+            assert cell["n"] == 3
+    for task, outside in (("wiki_topic", True), ("kjv_to_web", False)):
+        cell, base = summary["e2s2"][task], summary["span_corruption"][task]
+        se = math.sqrt(cell["std"] ** 2 / 3 + base["std"] ** 2 / 3)
+        assert cell["diff"] == pytest.approx(cell["mean"] - base["mean"])
+        assert cell["diff_se"] == pytest.approx(se)
+        assert cell["outside_noise"] is outside
+    assert "diff" not in summary["span_corruption"]["wiki_topic"]
+
+
+def test_one_seed_is_never_outside_the_noise():
+    values = {"span_corruption": {"wiki_topic": [40.0]}, "e2s2": {"wiki_topic": [90.0]}}
+    cell = study.summarize(_finetuned(values), ["wiki_topic"])["e2s2"]["wiki_topic"]
+    assert cell["std"] == 0.0 and cell["outside_noise"] is False
+
+
+def _results(summary_values):
+    summary = study.summarize(_finetuned(summary_values), ["wiki_topic", "spelling_grammar"])
+    return {
+        "tasks": ["wiki_topic", "spelling_grammar"],
+        "headline_metrics": {t: study.HEADLINE[t] for t in ("wiki_topic", "spelling_grammar")},
+        "summary": summary,
+        "seeds": [0, 1],
+        "size": {
+            "model_gin": "gin/models/t5_1_1_tiny.gin",
+            "pretrain_steps": 10,
+            "pretrain_batch": 4,
+            "pretrain_lengths": [64, 16],
+            "finetune_steps": 3,
+            "finetune_batch": 4,
+            "test_examples": 8,
+        },
+        "machine": "test",
+        "date": "2026-12-01",
+        "elapsed_s": 60.0,
+        "pretraining_curves": {
+            "span_corruption": {"0": [[1, 9.0], [2, 8.0]], "1": [[1, 9.2], [2, 7.5]]},
+            "e2s2": {"0": [[1, 9.5], [2, 8.5]], "1": [[1, 9.1], [2, 8.0]]},
+        },
+    }
+
+
+def test_markdown_table_shows_every_mean_and_difference():
+    values = {
+        "span_corruption": {"wiki_topic": [40.0, 44.0], "spelling_grammar": [20.0, 22.0]},
+        "e2s2": {"wiki_topic": [50.0, 52.0], "spelling_grammar": [21.0, 21.5]},
+    }
+    results = _results(values)
+    table = study.markdown_table(results)
+    for by_task in values.values():
+        for numbers in by_task.values():
+            mean, std = np.mean(numbers), np.std(numbers, ddof=1)
+            assert f"{mean:.2f} ± {std:.2f}" in table
+    topic = results["summary"]["e2s2"]["wiki_topic"]
+    assert f"{topic['diff']:+.2f} ± {topic['diff_se']:.2f}" in table
+
+
+def test_figures_have_labelled_axes_and_the_data(tmp_path):
+    values = {
+        "span_corruption": {"wiki_topic": [40.0, 44.0], "spelling_grammar": [20.0, 22.0]},
+        "e2s2": {"wiki_topic": [50.0, 52.0], "spelling_grammar": [21.0, 21.5]},
+    }
+    results = _results(values)
+    curves = study.curves_figure(results)
+    (axis,) = curves.axes
+    assert axis.get_xlabel() and axis.get_ylabel()
+    lines = {line.get_label(): line for line in axis.get_lines()}
+    np.testing.assert_allclose(lines["span_corruption"].get_ydata(), [9.1, 7.75])
+    bars = study.tasks_figure(results)
+    for axis, task in zip(bars.axes, results["tasks"], strict=True):
+        assert axis.get_xlabel() and axis.get_ylabel() and axis.get_title() == task
+        heights = [patch.get_height() for patch in axis.patches]
+        np.testing.assert_allclose(heights, [np.mean(values[v][task]) for v in values])
+    paths = study.plot(results, tmp_path)
+    for path in paths:
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_read_curve_takes_the_loss_of_each_logged_step(tmp_path):
+    path = tmp_path / "train_metrics.jsonl"
+    rows = [{"step": 5, "loss": 3.0, "x": 1}, {"step": 10, "loss": 2.5}, {"step": 11}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert study.read_curve(path) == [[5, 3.0], [10, 2.5]]
+
+
+def test_bad_arguments_are_refused(capsys):
+    with pytest.raises(SystemExit):
+        study.main(["--tasks", "no_such_task"])
+    assert "no_such_task" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        study.main(["--objectives", "mlm"])
+    assert "mlm" in capsys.readouterr().err
+
+
+def test_smoke_study_runs_end_to_end_and_resumes(tmp_path):
+    """Every stage at a few steps: pretraining (plain and E2S2), fine-tuning with and without
+    SurfaceFusion, test metrics, table and plots. (SSR needs a generator trained long enough to
+    emit sentinels; its stages run in the --quick study.)"""
+    argv = [
+        "--size=smoke",
+        f"--out={tmp_path}",
+        "--seeds=1",
+        "--tasks=spelling_grammar,wiki_topic",
+        "--objectives=span_corruption,e2s2_denoise_only",
+    ]
+    assert study.main(argv) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["variants"] == [
+        "span_corruption",
+        "e2s2_denoise_only",
+        "span_corruption+surface_fusion",
+    ]
+    for variant in results["variants"]:
+        for task, metric in (("spelling_grammar", "edit_f0.5"), ("wiki_topic", "accuracy")):
+            metrics = results["finetune"][variant][task]["0"]
+            assert 0.0 <= metrics[metric] <= 100.0
+            saved = tmp_path / "runs/finetune" / variant / "seed0" / task / "test_metrics.json"
+            assert json.loads(saved.read_text()) == metrics
+    for objective in results["objectives"]:
+        assert len(results["pretraining_curves"][objective]["0"]) >= 2
+    for name in ("results.md", "pretraining_curves.png", "tasks.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    # A rerun finds every run finished and reproduces the results from the saved metrics.
+    assert study.main(argv) == 0
+    again = json.loads((tmp_path / "results.json").read_text())
+    assert again["finetune"] == results["finetune"]
+    assert again["summary"] == results["summary"]
