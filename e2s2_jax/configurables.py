@@ -17,7 +17,9 @@ gin.external_configurable(feature_converters.E2S2EncDecFeatureConverter, module=
 gin.external_configurable(optimizers.make_optimizer, module="e2s2_jax")
 gin.external_configurable(optimizers.rsqrt_schedule, module="e2s2_jax")
 gin.external_configurable(optimizers.warmup_linear_decay, module="e2s2_jax")
-gin.external_configurable(optax.warmup_cosine_decay_schedule, module="optax")
+gin.external_configurable(
+    optimizers.warmup_cosine_decay_schedule, "warmup_cosine_decay_schedule", module="optax"
+)
 gin.external_configurable(optax.constant_schedule, module="optax")
 gin.external_configurable(objectives.E2S2Objective, module="e2s2_jax")
 gin.external_configurable(heads.DenoisingHead, module="e2s2_jax")

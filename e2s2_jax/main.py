@@ -39,6 +39,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from e2s2_jax.errors import ConfigError  # noqa: E402  (re-exported: entry.ConfigError)
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_SEARCH_PATHS = (os.path.join(REPO_ROOT, "gin"), REPO_ROOT)
 REQUIRED_MACROS = {
@@ -47,10 +49,6 @@ REQUIRED_MACROS = {
     "infer": ("MODEL_DIR", "TASK_FEATURE_LENGTHS"),
     "ssr-generate": (),  # its Gin file marks its own macros %gin.REQUIRED
 }
-
-
-class ConfigError(ValueError):
-    """A configuration problem found before any work starts; the message says what to change."""
 
 
 def log(message: str) -> None:

@@ -3,8 +3,10 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
+from e2s2_jax.training import optimizers
 from e2s2_jax.training.optimizers import make_optimizer, rsqrt_schedule
 
 
@@ -90,3 +92,15 @@ def test_warmup_linear_decay_against_closed_form():
         assert abs(float(schedule(step)) - expected) < 1e-9, step
     with pytest.raises(ValueError, match="below decay_steps"):
         warmup_linear_decay(0.01, warmup_steps=10, decay_steps=10)
+
+
+def test_warmup_cosine_schedule_is_optaxs_and_refuses_a_run_shorter_than_its_warmup():
+    from e2s2_jax.errors import ConfigError
+
+    ours = optimizers.warmup_cosine_decay_schedule(0.0, 0.02, 10, 100, 1e-5)
+    reference = optax.warmup_cosine_decay_schedule(0.0, 0.02, 10, 100, 1e-5)
+    for step in (0, 5, 10, 50, 99, 100, 150):
+        assert float(ours(step)) == float(reference(step))
+    for warmup, total in ((50, 10), (10, 10), (-1, 10)):
+        with pytest.raises(ConfigError, match=r"TRAIN_STEPS.*warmup_cosine_decay_schedule"):
+            optimizers.warmup_cosine_decay_schedule(0.0, 0.02, warmup, total)

@@ -13,6 +13,8 @@ from collections.abc import Callable
 import jax.numpy as jnp
 import optax
 
+from e2s2_jax.errors import ConfigError
+
 Schedule = Callable[[int], float]
 
 
@@ -47,6 +49,29 @@ def warmup_linear_decay(
             optax.linear_schedule(peak_value, end_value, decay_steps - warmup_steps),
         ],
         boundaries=[warmup_steps],
+    )
+
+
+def warmup_cosine_decay_schedule(
+    init_value: float,
+    peak_value: float,
+    warmup_steps: int,
+    decay_steps: int,
+    end_value: float = 0.0,
+    exponent: float = 1.0,
+) -> optax.Schedule:
+    """optax's warm-up + cosine schedule (registered under its name, `optax.`), refusing
+    `decay_steps` (the total, TRAIN_STEPS in gin/runs/adamw.gin) at or below `warmup_steps`
+    with the bindings to change, where optax fails later on a negative cosine length."""
+    if not 0 <= warmup_steps < decay_steps:
+        raise ConfigError(
+            f"optax.warmup_cosine_decay_schedule: warmup_steps={warmup_steps} must be >= 0 and "
+            f"below decay_steps={decay_steps} (the run's TRAIN_STEPS with gin/runs/adamw.gin): "
+            "raise --gin.TRAIN_STEPS or lower "
+            "--gin.optax.warmup_cosine_decay_schedule.warmup_steps."
+        )
+    return optax.warmup_cosine_decay_schedule(
+        init_value, peak_value, warmup_steps, decay_steps, end_value, exponent
     )
 
 
