@@ -84,17 +84,17 @@ SIZES = {
             "T5Config.num_encoder_layers=3",
             "T5Config.num_decoder_layers=3",
         ),
-        pretrain_steps=150,
+        pretrain_steps=100,
         pretrain_batch=32,
         pretrain_lengths=(128, 32),
         pretrain_peak_lr=0.01,
-        generator_steps=300,
-        ssr_examples=2048,
-        finetune_steps=60,
+        generator_steps=200,
+        ssr_examples=1024,
+        finetune_steps=50,
         finetune_batch=16,
         finetune_lengths=(128, 64),
         finetune_lr=3e-3,
-        test_examples=96,
+        test_examples=64,
         decode_length=64,
     ),
     # For tests of the pipeline: a few steps of everything (the numbers mean nothing).
@@ -595,10 +595,82 @@ def plot(results: dict, out_dir: Path) -> list[Path]:
     return paths
 
 
+README_BEGIN = "<!-- study results: begin (written by python -m e2s2_jax.study --readme) -->"
+README_END = "<!-- study results: end -->"
+
+
+def noise_sentence(results: dict) -> str:
+    """How many differences from span corruption are outside 2 standard errors, and which."""
+    cells = [
+        (variant, dataset, cell)
+        for variant, by_task in results["summary"].items()
+        for dataset, cell in by_task.items()
+        if "diff" in cell
+    ]
+    outside = [f"{v} on {d} ({c['diff']:+.2f})" for v, d, c in cells if c["outside_noise"]]
+    text = f"{len(outside)} of {len(cells)} differences from {BASELINE} are outside 2 s.e."
+    if not outside:
+        return text + "; every effect is within noise."
+    return text + ": " + ", ".join(outside) + "."
+
+
+def readme_section(results: dict, out_dir: Path, readme: Path) -> str:
+    """The README's Results section body: command, machine, table, noise verdict, plots."""
+    relative = os.path.relpath(out_dir, readme.parent)
+    size = results.get("size_name", "quick")
+    flag = "--quick" if size == "quick" else f"--size {size}"
+    return "\n".join(
+        [
+            README_BEGIN,
+            f"`python -m e2s2_jax.study {flag}` on {results['machine']}, {results['date']}: "
+            f"{results['elapsed_s'] / 60:.0f} min. {noise_sentence(results)}",
+            "",
+            markdown_table(results).rstrip(),
+            "",
+            f"![pretraining curves]({relative}/pretraining_curves.png)",
+            f"![test metrics per task]({relative}/tasks.png)",
+            README_END,
+        ]
+    )
+
+
+def update_readme(results: dict, out_dir: Path, readme: Path) -> None:
+    """Replaces the text between README_BEGIN and README_END in `readme` with the results."""
+    text = readme.read_text()
+    if README_BEGIN not in text or README_END not in text:
+        raise ValueError(
+            f"{readme} has no results markers: add the lines {README_BEGIN!r} and "
+            f"{README_END!r} where the study's results should go"
+        )
+    head, rest = text.split(README_BEGIN, 1)
+    _, tail = rest.split(README_END, 1)
+    readme.write_text(head + readme_section(results, out_dir, readme) + tail)
+
+
 def write_outputs(results: dict, out_dir: Path) -> None:
     (out_dir / "results.json").write_text(json.dumps(results, indent=1))
     (out_dir / "results.md").write_text(markdown_table(results))
     plot(results, out_dir)
+
+
+def check_settings(out_dir: Path, size_name: str, size: StudySize) -> None:
+    """Records the size's settings in out_dir/settings.json, or refuses to resume runs made
+    with other settings (a finished run is recognised by its step count alone)."""
+    path = out_dir / "settings.json"
+    settings = {"size": size_name, **json.loads(json.dumps(dataclasses.asdict(size)))}
+    if path.exists():
+        saved = json.loads(path.read_text())
+        if saved != settings:
+            changed = sorted(
+                k for k in settings.keys() | saved.keys() if saved.get(k) != settings.get(k)
+            )
+            raise SystemExit(
+                f"error: {out_dir} holds runs made with other study settings (differing: "
+                f"{changed}; see {path}): pass another --out, or delete {out_dir}/runs and "
+                f"{path} to start again"
+            )
+    else:
+        path.write_text(json.dumps(settings, indent=1))
 
 
 def _enable_compilation_cache(out_dir: Path) -> None:
@@ -628,7 +700,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--objectives", default=",".join(OBJECTIVES), help="comma-separated pretraining objectives"
     )
+    parser.add_argument(
+        "--readme", default=None, help="also write the results into this README's markers"
+    )
+    parser.add_argument(
+        "--render",
+        action="store_true",
+        help="no runs: redraw the table, plots (and --readme) from --out's results.json",
+    )
     args = parser.parse_args(argv)
+    out_dir = Path(args.out).resolve()
+    if args.render:
+        results = json.loads((out_dir / "results.json").read_text())
+        write_outputs(results, out_dir)
+        if args.readme:
+            update_readme(results, out_dir, Path(args.readme).resolve())
+        return 0
     if args.quick and args.size not in (None, "quick"):
         parser.error("--quick is --size quick; give one of them")
     size_name = "quick" if args.quick or args.size is None else args.size
@@ -642,14 +729,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--objectives: unknown {unknown}; choose from {sorted(OBJECTIVES)}")
     if args.seeds < 1:
         parser.error("--seeds must be at least 1")
-    out_dir = Path(args.out).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
+    check_settings(out_dir, size_name, SIZES[size_name])
     _enable_compilation_cache(out_dir)
     log(f"size {size_name}, {args.seeds} seeds, tasks {tasks}, output {out_dir}")
     study = Study(SIZES[size_name], out_dir, range(args.seeds), tasks, objectives)
     results = study.run()
     results["size_name"] = size_name
     write_outputs(results, out_dir)
+    if args.readme:
+        update_readme(results, out_dir, Path(args.readme).resolve())
     log(f"done in {results['elapsed_s'] / 60:.1f} min: {out_dir}/results.md\n")
     print((out_dir / "results.md").read_text())
     return 0

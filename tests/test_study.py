@@ -162,3 +162,30 @@ def test_smoke_study_runs_end_to_end_and_resumes(tmp_path):
     again = json.loads((tmp_path / "results.json").read_text())
     assert again["finetune"] == results["finetune"]
     assert again["summary"] == results["summary"]
+    # Other settings into the same directory are refused, not mixed with these runs.
+    with pytest.raises(SystemExit, match="other study settings"):
+        study.main([*argv[1:], "--size=quick"])
+
+
+def test_readme_section_replaces_only_the_marked_text_and_names_the_effects(tmp_path):
+    values = {
+        "span_corruption": {"wiki_topic": [40.0, 41.0], "spelling_grammar": [20.0, 22.0]},
+        "e2s2": {"wiki_topic": [50.0, 51.0], "spelling_grammar": [21.0, 21.5]},
+    }
+    results = _results(values)
+    results["size_name"] = "quick"
+    # wiki_topic: +10 with s.e. 0.71 (outside); spelling_grammar: +0.25 with s.e. 1.03.
+    assert study.noise_sentence(results).startswith(
+        "1 of 2 differences from span_corruption are outside 2 s.e.: e2s2 on wiki_topic (+10.00)"
+    )
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# top\n{study.README_BEGIN}\nold numbers\n{study.README_END}\ntail\n")
+    study.update_readme(results, tmp_path / "study", readme)
+    text = readme.read_text()
+    assert text.startswith("# top\n") and text.endswith(f"{study.README_END}\ntail\n")
+    assert "old numbers" not in text
+    assert study.markdown_table(results).rstrip() in text
+    assert "(study/tasks.png)" in text and "python -m e2s2_jax.study --quick" in text
+    readme.write_text("no markers\n")
+    with pytest.raises(ValueError, match="no results markers"):
+        study.update_readme(results, tmp_path / "study", readme)
