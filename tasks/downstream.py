@@ -159,7 +159,7 @@ def source_and_reference(output: str, example=None, is_target: bool = False):
     return {"source": _as_text(example["source"]), "reference": output}
 
 
-def _text_to_text_preprocessors(to_strings: Callable) -> list[Callable]:
+def text_to_text_preprocessors(to_strings: Callable) -> list[Callable]:
     """`to_strings` (raw example -> {inputs, targets} strings), then tokenize, cache, EOS."""
     return [
         to_strings,
@@ -184,7 +184,7 @@ def text_to_text_task(
         name,
         source=TsvDataSource(split_to_file),
         output_features=features,
-        preprocessors=_text_to_text_preprocessors(functools.partial(add_prefix, prefix=prefix)),
+        preprocessors=text_to_text_preprocessors(functools.partial(add_prefix, prefix=prefix)),
         postprocess_fn=source_and_reference if with_source else None,
         metric_fns=list(metric_fns),
     )
@@ -270,7 +270,7 @@ def register_glue_tasks(
                 tfds_name=f"glue/{config}:{version}", tfds_data_dir=tfds_data_dir
             ),
             output_features=features,
-            preprocessors=_text_to_text_preprocessors(
+            preprocessors=text_to_text_preprocessors(
                 functools.partial(glue_text_to_text, config=config)
             ),
             metric_fns=[metrics.accuracy],

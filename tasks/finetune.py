@@ -7,14 +7,13 @@ Metrics: exact match and word accuracy of greedy decodes.
 
 from __future__ import annotations
 
-import functools
-
 import seqio
 import tensorflow as tf
 
 from e2s2_jax import metrics
 from e2s2_jax.data.corpus import BUNDLED_TRAIN_FILES, BUNDLED_VALIDATION_FILES
 from e2s2_jax.data.text_source import text_files_data_source
+from tasks.downstream import text_to_text_preprocessors
 from tasks.registration import add_task
 
 RESTORE_CASE_TASK = "bundled_restore_case"
@@ -43,11 +42,6 @@ def register_finetune_tasks(vocabulary=None) -> seqio.Task:
         RESTORE_CASE_TASK,
         source=source,
         output_features=features,
-        preprocessors=[
-            functools.partial(restore_case_example),
-            seqio.preprocessors.tokenize,
-            seqio.CacheDatasetPlaceholder(),
-            seqio.preprocessors.append_eos_after_trim,
-        ],
+        preprocessors=text_to_text_preprocessors(restore_case_example),
         metric_fns=[metrics.exact_match, metrics.word_accuracy],
     )
