@@ -13,6 +13,7 @@ always takes the newest complete one.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -164,6 +165,12 @@ def _params_directory(path: epath.Path) -> tuple[epath.Path, str]:
     )
 
 
+def _absolute(path: str | epath.Path) -> epath.Path:
+    """`path` made absolute when it is local: Orbax finds no metadata under a relative path."""
+    text = str(path)
+    return epath.Path(text if "://" in text else os.path.abspath(text))
+
+
 def load_params_into(
     path: str | epath.Path, init_params: PyTree, param_shardings: PyTree
 ) -> tuple[PyTree, list[str], list[str]]:
@@ -175,12 +182,17 @@ def load_params_into(
 
     Returns `(params, filled_from_init, ignored_from_checkpoint)` (slash-joined paths).
     """
-    directory, kind = _params_directory(epath.Path(path))
+    directory, kind = _params_directory(_absolute(path))
     checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
     try:
         metadata = checkpointer.metadata(directory).item_metadata
     except (FileNotFoundError, ValueError, OSError) as error:
         raise CheckpointError(f"Cannot read checkpoint metadata in {directory}: {error}") from error
+    if metadata is None:
+        raise CheckpointError(
+            f"{directory} has no readable Orbax metadata (`_METADATA`): the checkpoint is "
+            "incomplete or not an Orbax PyTree; point at a complete step or re-export the model."
+        )
     stored = metadata["params"] if kind == "state" else metadata
     stored_flat = _flat(dict(stored))
     init_flat = _flat(init_params)
