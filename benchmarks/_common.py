@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -14,6 +15,35 @@ from collections.abc import Callable, Sequence
 import gin
 import jax
 import numpy as np
+
+# glibc malloc settings that keep freed host memory in the process (one arena on the brk heap,
+# no mmap'd chunks, no trimming), so that a train step's multi-GB temporaries reuse pages
+# instead of being unmapped and faulted in again at every step. See RESULTS.md ("Host memory").
+RETAINED_HOST_MALLOC = {
+    "MALLOC_ARENA_MAX": "1",
+    "MALLOC_MMAP_MAX_": "0",
+    "MALLOC_TRIM_THRESHOLD_": str(1 << 40),
+}
+GLIBC_DEFAULTS_ENV = "E2S2_BENCH_GLIBC_MALLOC_DEFAULTS"
+
+
+def retain_freed_host_memory() -> None:
+    """Re-executes this script with `RETAINED_HOST_MALLOC` in its environment (glibc reads
+    them only at start-up), unless they are set already, or `E2S2_BENCH_GLIBC_MALLOC_DEFAULTS=1`
+    asks for glibc's defaults. Every contender of the run (JAX and torch) gets the same
+    allocator. Call first thing in `if __name__ == "__main__":`."""
+    if os.environ.get(GLIBC_DEFAULTS_ENV) == "1" or platform.system() != "Linux":
+        return
+    if all(os.environ.get(k) == v for k, v in RETAINED_HOST_MALLOC.items()):
+        return
+    os.environ.update(RETAINED_HOST_MALLOC)
+    os.execv(sys.executable, [sys.executable, *sys.argv])
+
+
+def host_malloc() -> dict:
+    """The glibc malloc settings this process started with, for the JSON report."""
+    names = [*RETAINED_HOST_MALLOC, GLIBC_DEFAULTS_ENV]
+    return {name: os.environ[name] for name in names if name in os.environ} or "glibc defaults"
 
 
 def model_config(gin_files: Sequence[str], bindings: Sequence[str] = ()):
@@ -109,4 +139,5 @@ def environment(torch_threads: int) -> dict:
         "transformers": transformers.__version__,
         "torch_threads": torch_threads,
         "load_average": [round(x, 2) for x in os.getloadavg()],
+        "host_malloc": host_malloc(),
     }

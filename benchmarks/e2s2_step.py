@@ -68,7 +68,7 @@ def main(argv=None) -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args(argv)
 
-    from benchmarks._common import model_config
+    from benchmarks._common import host_malloc, model_config
     from e2s2_jax.models.heads import DenoisingHead
     from e2s2_jax.models.t5 import T5
     from e2s2_jax.objectives import E2S2Objective, Seq2SeqObjective
@@ -154,6 +154,7 @@ def main(argv=None) -> None:
                 "cpu_count": os.cpu_count(),
                 "jax": jax.__version__,
                 "python": platform.python_version(),
+                "host_malloc": host_malloc(),
             },
             indent=1,
         )
@@ -161,4 +162,7 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
+    from benchmarks._common import retain_freed_host_memory
+
+    retain_freed_host_memory()
     main()

@@ -322,7 +322,7 @@ def main(argv: list[str] | None = None) -> None:
     if "rss" in contenders:
         _log("peak RSS probes (child processes)")
         report["memory"] = {c: _measure_rss(c, argv) for c in ("ours", "hf")}
-    from benchmarks._common import environment
+    from benchmarks._common import environment, host_malloc
 
     report["environment"] = (
         environment(os.cpu_count() or 1)
@@ -331,6 +331,7 @@ def main(argv: list[str] | None = None) -> None:
             "backend": jax.default_backend(),
             "device": jax.devices()[0].device_kind,
             "jax": jax.__version__,
+            "host_malloc": host_malloc(),
         }
     )
     report["environment"]["date"] = time.strftime("%Y-%m-%d")
@@ -338,4 +339,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    from benchmarks._common import retain_freed_host_memory
+
+    retain_freed_host_memory()
     main()
