@@ -40,8 +40,9 @@ def retain_freed_host_memory() -> None:
     os.execv(sys.executable, [sys.executable, *sys.argv])
 
 
-def host_malloc() -> dict:
-    """The glibc malloc settings this process started with, for the JSON report."""
+def host_malloc() -> dict[str, str] | str:
+    """The glibc malloc settings this process started with (or "glibc defaults"), for the JSON
+    report."""
     names = [*RETAINED_HOST_MALLOC, GLIBC_DEFAULTS_ENV]
     return {name: os.environ[name] for name in names if name in os.environ} or "glibc defaults"
 
