@@ -244,7 +244,7 @@ def reorder_t5_cache(cache: Cache, indices: Array) -> Cache:
         name = jax.tree_util.keystr(path[-1:])
         if "cached_" not in name:
             return leaf
-        return jnp.take(leaf, indices, axis=leaf.ndim - 4)
+        return jnp.take(leaf, indices, axis=leaf.ndim - 4, mode="clip")
 
     return jax.tree_util.tree_map_with_path(reorder, cache)
 
@@ -275,16 +275,24 @@ def _repeat_rows(tree, times: int):
     return jax.tree.map(lambda x: jnp.repeat(x, times, axis=0), tree)
 
 
+# Cache leaves the beams of a row share unrepeated: attention groups the beams' queries over
+# them (`models/t5.py: group_rows`).
+SHARED_BY_BEAMS = ("cross_key", "cross_value")
+
+
 def _repeat_cache_rows(cache: Cache, repeated_shapes: Cache, times: int) -> Cache:
     """Repeats each leaf `times` along its batch axis, the one axis where its shape differs
     from `repeated_shapes` (the same cache made for `times` as many rows); leaves without a
-    batch axis stay as they are. Rows of a batch element end adjacent, as in `_repeat_rows`."""
+    batch axis, and the `SHARED_BY_BEAMS` ones, stay as they are. Rows of a batch element end
+    adjacent, as in `_repeat_rows`."""
 
-    def repeat(leaf, target):
+    def repeat(path, leaf, target):
+        if getattr(path[-1], "key", None) in SHARED_BY_BEAMS:
+            return leaf
         axes = [i for i, (a, b) in enumerate(zip(leaf.shape, target.shape, strict=True)) if a != b]
         return jnp.repeat(leaf, times, axis=axes[0]) if axes else leaf
 
-    return jax.tree.map(repeat, cache, repeated_shapes)
+    return jax.tree_util.tree_map_with_path(repeat, cache, repeated_shapes)
 
 
 def predict_batch(
@@ -319,7 +327,8 @@ def predict_batch(
 
     # The first call creates the cache (and the cross-attention keys/values); its dummy
     # step 0 is overwritten by the real one. Beams of a row share the cross-attention keys
-    # and values, so they are projected once per row and then repeated for the beams.
+    # and values: they are projected and kept once per row (`SHARED_BY_BEAMS`); the rest of
+    # the cache (SurfaceFusion's source keys/values included) is repeated for the beams.
     dummy = jnp.full((batch_size,), cfg.decoder_start_id, jnp.int32)
     start = jnp.array(0, jnp.int32)
     _, cache = step_over(encoder_outputs)(dummy, None, start)

@@ -7,8 +7,9 @@ import pytest
 from decode_helpers import cached_decoder_steps
 from flax import linen as nn
 
+from e2s2_jax import decoding
 from e2s2_jax.decoding import DecodeConfig, _filter_logits, make_predict_fn, sample_or_greedy
-from e2s2_jax.models.t5 import T5, T5Config
+from e2s2_jax.models.t5 import T5, T5Config, group_rows, ungroup_rows
 
 TINY = T5Config(
     vocab_size=50,
@@ -155,3 +156,40 @@ def test_bad_decode_config_is_rejected():
         DecodeConfig("nucleus")
     with pytest.raises(ValueError, match="temperature"):
         DecodeConfig("sample", temperature=0.0)
+
+
+def test_group_rows_makes_each_rows_beams_its_query_positions():
+    x = np.arange(6 * 2 * 3 * 4, dtype=np.float32).reshape(6, 2, 3, 4)  # 2 rows x 3 beams
+    grouped = np.asarray(group_rows(jnp.asarray(x), 3))
+    assert grouped.shape == (2, 2, 9, 4)
+    for row, beam, head, q in np.ndindex(2, 3, 2, 3):
+        np.testing.assert_array_equal(grouped[row, head, beam * 3 + q], x[row * 3 + beam, head, q])
+    np.testing.assert_array_equal(ungroup_rows(jnp.asarray(grouped), 3), x)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_beam_search_on_shared_cross_attention_cache_equals_repeated_cache(scan, monkeypatch):
+    """Beams of a row attend one copy of its cross-attention keys/values; the beams and scores
+    equal those of the plain attention over a copy per beam."""
+    model, params, encoder_tokens = _setup(scan, seed=4)
+    config = DecodeConfig(
+        "beam", max_decode_length=8, num_beams=3, length_penalty=0.6, stop_bound="max_length"
+    )
+    shared = make_predict_fn(model, config)(params, encoder_tokens)
+    monkeypatch.setattr(decoding, "SHARED_BY_BEAMS", ())
+    repeated = make_predict_fn(model, config)(params, encoder_tokens)
+    np.testing.assert_array_equal(shared.tokens, repeated.tokens)
+    np.testing.assert_allclose(shared.scores, repeated.scores, rtol=1e-6, atol=1e-6)
+
+
+def test_beam_cache_keeps_cross_attention_once_per_row():
+    cache = {
+        "layers_0": {
+            "encoder_decoder_attention": {"cross_key": jnp.zeros((2, 4, 11, 8))},
+            "self_attention": {"cached_key": jnp.zeros((2, 4, 8, 8))},
+        }
+    }
+    repeated_shapes = jax.tree.map(lambda x: jnp.zeros((6, *x.shape[1:])), cache)
+    out = decoding._repeat_cache_rows(cache, repeated_shapes, 3)
+    assert out["layers_0"]["encoder_decoder_attention"]["cross_key"].shape == (2, 4, 11, 8)
+    assert out["layers_0"]["self_attention"]["cached_key"].shape == (6, 4, 8, 8)

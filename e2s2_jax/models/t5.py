@@ -211,14 +211,32 @@ class RMSNorm(nn.Module):
         return (scale * normed).astype(self.config.activation_dtype)
 
 
+def project_to_heads(x: Array, kernel: Array) -> Array:
+    """`einsum("bld,dhk->bhlk", x, kernel)` as one 2-D matmul over the flattened `[d, h * k]`
+    kernel, then the reshape and transpose. (Written as the einsum, XLA:CPU lays the decoding
+    step's dot out transposed and copies every kernel, transposed, at every step.)"""
+    batch, length, _ = x.shape
+    d_model, heads, kv = kernel.shape
+    flat = jnp.einsum("bld,dn->bln", x, kernel.reshape(d_model, heads * kv))
+    return flat.reshape(batch, length, heads, kv).transpose(0, 2, 1, 3)
+
+
+def project_from_heads(x: Array, kernel: Array) -> Array:
+    """`einsum("bhlk,hkd->bld", x, kernel)` as one 2-D matmul over the `[h * k, d]` kernel."""
+    batch, heads, length, kv = x.shape
+    flat = x.transpose(0, 2, 1, 3).reshape(batch, length, heads * kv)
+    return jnp.einsum("bln,nd->bld", flat, kernel.reshape(heads * kv, kernel.shape[-1]))
+
+
 class Projection(nn.Module):
-    """A bias-free `einsum(equation, x, kernel)` whose float32 kernel is created at its full
-    shape with logical axes. (`nn.DenseGeneral` initialises a flattened kernel, which cannot
-    carry three logical axes under a mesh.)"""
+    """A bias-free `einsum(equation, x, kernel)` (or `equation(x, kernel)` when it is a
+    function) whose float32 kernel is created at its full shape with logical axes.
+    (`nn.DenseGeneral` initialises a flattened kernel, which cannot carry three logical axes
+    under a mesh.)"""
 
     shape: tuple[int, ...]
     axes: tuple[str, ...]
-    equation: str
+    equation: str | Callable[[Array, Array], Array]
     stddev: float
     dtype: Any = jnp.float32
     # Overrides the normal(stddev) init (SurfaceFusion's zero-initialised W2).
@@ -230,7 +248,10 @@ class Projection(nn.Module):
         kernel = self.param(
             "kernel", nn.with_logical_partitioning(init, self.axes), self.shape, jnp.float32
         )
-        return jnp.einsum(self.equation, x.astype(self.dtype), kernel.astype(self.dtype))
+        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+        if callable(self.equation):
+            return self.equation(x, kernel)
+        return jnp.einsum(self.equation, x, kernel)
 
 
 class MultiHeadAttention(nn.Module):
@@ -244,7 +265,9 @@ class MultiHeadAttention(nn.Module):
     With `decode=True` keys and values are cached in the same layout: self-attention writes the
     current step at `decode_position` into a `[batch, heads, cache_length, kv]` cache;
     cross-attention projects the encoder output once, on the call that creates the cache, and
-    reuses it (`[batch, heads, source_length, kv]`).
+    reuses it (`[batch, heads, source_length, kv]`). When the queries have a multiple of the
+    cached keys' rows (beam search: `beams` adjacent rows per cached row), each row's queries
+    attend its keys and values as one group, so the cache is not repeated per beam.
     """
 
     config: T5Config
@@ -260,7 +283,7 @@ class MultiHeadAttention(nn.Module):
         cfg = self.config
         qkv_shape = (cfg.d_model, cfg.num_heads, cfg.d_kv)
         dense = functools.partial(
-            Projection, shape=qkv_shape, equation="bld,dhk->bhlk", dtype=cfg.activation_dtype
+            Projection, shape=qkv_shape, equation=project_to_heads, dtype=cfg.activation_dtype
         )
         qkv_axes = ("embed", "heads", "kv")
         query = dense(axes=qkv_axes, stddev=(cfg.d_model * cfg.d_kv) ** -0.5, name="query")(
@@ -276,6 +299,12 @@ class MultiHeadAttention(nn.Module):
         if self.decode and not self.is_cross_attention:
             key, value = self._append_to_cache(key, value, decode_position)
 
+        # Beam search keeps one cross-attention key/value cache per input row for its beams:
+        # their queries then attend it as one group (`groups` queries per row and head).
+        groups = query.shape[0] // key.shape[0]
+        if groups > 1:
+            bias = group_rows(jnp.broadcast_to(bias, (*query.shape[:1], *bias.shape[1:])), groups)
+            query = group_rows(query, groups)
         query = nn.with_logical_constraint(query, ("batch", "heads", "length", "kv"))
         key = nn.with_logical_constraint(key, ("batch", "heads", "length", "kv"))
         value = nn.with_logical_constraint(value, ("batch", "heads", "length", "kv"))
@@ -283,10 +312,12 @@ class MultiHeadAttention(nn.Module):
         weights = jax.nn.softmax(scores + bias, axis=-1).astype(cfg.activation_dtype)
         weights = nn.Dropout(cfg.dropout_rate)(weights, deterministic=self.deterministic)
         context = jnp.einsum("bhqk,bhkd->bhqd", weights, value)
+        if groups > 1:
+            context = ungroup_rows(context, groups)
         out = Projection(
             shape=(cfg.num_heads, cfg.d_kv, cfg.d_model),
             axes=("heads", "kv", "embed"),
-            equation="bhlk,hkd->bld",
+            equation=project_from_heads,
             stddev=(cfg.num_heads * cfg.d_kv) ** -0.5,
             dtype=cfg.activation_dtype,
             name="out",
@@ -308,6 +339,23 @@ class MultiHeadAttention(nn.Module):
         cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, key, start)
         cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, value, start)
         return cached_key.value, cached_value.value
+
+
+def group_rows(x: Array, groups: int) -> Array:
+    """`[rows * groups, heads, q, d] -> [rows, heads, groups * q, d]`: the `groups` adjacent
+    rows of each row (its beams) become extra query positions."""
+    rows_groups, heads, q, d = x.shape
+    rows = rows_groups // groups
+    x = x.reshape(rows, groups, heads, q, d).transpose(0, 2, 1, 3, 4)
+    return x.reshape(rows, heads, groups * q, d)
+
+
+def ungroup_rows(x: Array, groups: int) -> Array:
+    """The inverse of `group_rows`: `[rows, heads, groups * q, d]` back to
+    `[rows * groups, heads, q, d]`."""
+    rows, heads, groups_q, d = x.shape
+    x = x.reshape(rows, heads, groups, groups_q // groups, d).transpose(0, 2, 1, 3, 4)
+    return x.reshape(rows * groups, heads, groups_q // groups, d)
 
 
 def cache_once(
