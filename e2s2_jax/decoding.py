@@ -56,14 +56,40 @@ def _filter_logits(logits: Array, temperature: float, top_k: int, top_p: float) 
         kth_largest = jax.lax.top_k(logits, top_k)[0][..., -1:]
         logits = jnp.where(logits < kth_largest, NEG_INF, logits)
     if top_p < 1.0:
-        sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
-        cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
-        # Keep the smallest prefix whose mass reaches top_p (always at least the top token).
-        exclusive = cumulative - jax.nn.softmax(sorted_logits, axis=-1)
-        cutoff_index = jnp.sum(exclusive < top_p, axis=-1, keepdims=True) - 1
-        cutoff = jnp.take_along_axis(sorted_logits, cutoff_index, axis=-1)
-        logits = jnp.where(logits < cutoff, NEG_INF, logits)
+        logits = jnp.where(_nucleus(logits, top_p), logits, NEG_INF)
     return logits
+
+
+def _order_key(x: Array) -> Array:
+    """int32 keys that order as the float32 values `x` do (sign-magnitude bits to two's
+    complement)."""
+    bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32)
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
+def _nucleus(logits: Array, top_p: float) -> Array:
+    """The top-p support: the smallest set of the most likely tokens whose mass reaches
+    `top_p` (ties at its edge kept; always at least the top token), as a bool mask.
+
+    A token is kept iff the mass of the tokens strictly more likely than it is below `top_p`.
+    That mass only falls as the logit grows, so the edge is found by bisection over the
+    logits' order keys (32 halvings of the int32 range: exact), each a masked sum over the
+    vocabulary, instead of sorting the vocabulary at every step (70 ms per step at 32 x 8192
+    on 2 CPU cores; the bisection takes a few)."""
+    probs = jax.nn.softmax(logits, axis=-1)
+    keys = _order_key(logits)
+    # Invariant: mass(keys > lo) >= top_p > mass(keys > hi); lo < hi.
+    lo = jnp.min(keys, axis=-1, keepdims=True) - 1
+    hi = jnp.max(keys, axis=-1, keepdims=True)
+
+    def halve(_, bounds):
+        lo, hi = bounds
+        mid = (lo >> 1) + (hi >> 1) + (lo & hi & 1)  # floor((lo + hi) / 2) without overflow
+        below = jnp.sum(jnp.where(keys > mid, probs, 0.0), axis=-1, keepdims=True) < top_p
+        return jnp.where(below, lo, mid), jnp.where(below, mid, hi)
+
+    lo, _ = jax.lax.fori_loop(0, 32, halve, (lo, hi))
+    return keys > lo
 
 
 def sample_or_greedy(

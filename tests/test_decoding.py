@@ -115,6 +115,27 @@ def test_filter_keeps_exactly_the_reference_support(temperature, top_k, top_p):
         assert set(np.flatnonzero(row > -1e8).tolist()) == allowed
 
 
+@pytest.mark.parametrize("top_p", [0.9, 0.3, 0.999])
+def test_nucleus_bisection_matches_the_sorted_reference_on_a_real_vocabulary(top_p):
+    """8192 logits per row, flat to peaked, one row mostly masked to NEG_INF (as after top-k).
+    The reference sorts in float64; a token may differ only where the mass before it is within
+    float32 rounding of `top_p` (summed over thousands of tokens, the two orders differ)."""
+    rng = np.random.RandomState(1)
+    logits = (rng.randn(6, 8192) * np.array([[0.5], [1], [2], [4], [8], [1]])).astype(np.float32)
+    logits[5, 100:] = -1e9
+    filtered = np.asarray(_filter_logits(jnp.asarray(logits), 1.0, 0, top_p))
+    for row, kept in zip(logits.astype(np.float64), filtered > -1e8, strict=True):
+        probs = np.exp(row - row.max())
+        probs /= probs.sum()
+        order = np.argsort(-row, kind="stable")
+        mass_before = np.empty_like(probs)
+        mass_before[order] = np.cumsum(probs[order]) - probs[order]
+        differs = kept != (mass_before < top_p)
+        assert kept[order[0]]
+        assert np.all(np.abs(mass_before[differs] - top_p) < 1e-5), mass_before[differs]
+        assert differs.sum() <= 2
+
+
 def test_sampling_frequencies_follow_the_filtered_distribution():
     logits = jnp.log(jnp.array([0.5, 0.3, 0.15, 0.05]))
 
