@@ -22,7 +22,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from e2s2_jax.models.t5 import T5, EncoderOutputs
+from e2s2_jax.models.t5 import CROSS_ATTENTION_CACHE, T5, EncoderOutputs
 
 Array = jax.Array
 Cache = Any
@@ -303,7 +303,7 @@ def _repeat_rows(tree, times: int):
 
 # Cache leaves the beams of a row share unrepeated: attention groups the beams' queries over
 # them (`models/t5.py: group_rows`).
-SHARED_BY_BEAMS = ("cross_key", "cross_value")
+SHARED_BY_BEAMS = CROSS_ATTENTION_CACHE
 
 
 def _repeat_cache_rows(cache: Cache, repeated_shapes: Cache, times: int) -> Cache:

@@ -254,6 +254,10 @@ class Projection(nn.Module):
         return jnp.einsum(self.equation, x, kernel)
 
 
+# The "cache" variables cross-attention projects once per decode (keys, values).
+CROSS_ATTENTION_CACHE = ("cross_key", "cross_value")
+
+
 class MultiHeadAttention(nn.Module):
     """T5 attention (no 1/sqrt(d) scaling: it is folded into the query init).
 
@@ -326,7 +330,7 @@ class MultiHeadAttention(nn.Module):
 
     def _cached_cross_kv(self, key_proj, value_proj, encoded: Array) -> tuple[Array, Array]:
         return cache_once(
-            self, ("cross_key", "cross_value"), lambda: (key_proj(encoded), value_proj(encoded))
+            self, CROSS_ATTENTION_CACHE, lambda: (key_proj(encoded), value_proj(encoded))
         )
 
     def _append_to_cache(self, key: Array, value: Array, position: Array):
