@@ -1,10 +1,11 @@
-"""SurfaceFusion's cost relative to the plain model, in one run: train-step time and greedy
-decoding tokens/s. Prints one JSON object.
+"""SurfaceFusion's cost relative to the plain model, in one run: train-step time and greedy and
+beam decoding tokens/s. Prints one JSON object.
 
 Both models share sizes, batch and data; each function is compiled first, then timed with
 `block_until_ready`, plain and fused runs interleaved (so that load from other processes on a
 shared machine falls on both alike), median of `--repeats`. Decoding runs the full
-`--decode_length` steps (eos is set to an id the model never emits, so no row stops early).
+`--decode_length` steps (eos is set to an id the model never emits, so no row stops early);
+beam search (`--num_beams`, 0 to skip) counts the best beam's tokens, as `benchmarks/decode.py`.
 
   python benchmarks/fusion.py --model tiny
   python benchmarks/fusion.py --model small --batch 4 --input_length 512 --target_length 114
@@ -27,7 +28,7 @@ from e2s2_jax.decoding import DecodeConfig, make_predict_fn
 from e2s2_jax.models.fusion import SurfaceFusion
 from e2s2_jax.models.t5 import T5, T5Config
 from e2s2_jax.objectives import Seq2SeqObjective
-from e2s2_jax.training import optimizers, partitioning
+from e2s2_jax.training import flops, optimizers, partitioning
 from e2s2_jax.training.train_state import init_train_state
 from e2s2_jax.training.train_step import make_train_step
 
@@ -79,21 +80,29 @@ def _flops(lowered) -> float | None:
     return float(cost["flops"]) if cost and "flops" in cost else None
 
 
-def benchmark_fns(model: T5, batch: dict, args) -> tuple:
-    """`(train_step_fn, decode_fn, train_step_flops)`; the fns are no-argument calls to time."""
+def benchmark_fns(model: T5, batch: dict, args) -> tuple[dict, float | None]:
+    """`({"train": fn, "greedy": fn[, "beam": fn]}, train_step_xla_flops)`; the fns are
+    no-argument calls to time."""
     optimizer = optimizers.make_optimizer("adafactor", 1e-3)
     mesh = partitioning.create_mesh(devices=jax.devices()[:1])
     state, shardings = init_train_state(model, optimizer, mesh, jax.random.key(0))
     step = make_train_step(
         model, optimizer, Seq2SeqObjective(), mesh, state_shardings=shardings, donate_state=False
     )
-    predict = make_predict_fn(model, DecodeConfig("greedy", max_decode_length=args.decode_length))
+    decode_configs = {"greedy": DecodeConfig("greedy", max_decode_length=args.decode_length)}
+    if args.num_beams:
+        decode_configs["beam"] = DecodeConfig(
+            "beam",
+            max_decode_length=args.decode_length,
+            num_beams=args.num_beams,
+            stop_bound="max_length",
+        )
     encoder_tokens = batch["encoder_input_tokens"]
-    return (
-        lambda: step(state, batch, jax.random.key(1)),
-        lambda: predict(state.params, encoder_tokens),
-        _flops(step.lower(state, batch, jax.random.key(1))),
-    )
+    fns = {"train": lambda: step(state, batch, jax.random.key(1))}
+    for name, decode_config in decode_configs.items():
+        predict = make_predict_fn(model, decode_config)
+        fns[name] = functools.partial(predict, state.params, encoder_tokens)
+    return fns, _flops(step.lower(state, batch, jax.random.key(1)))
 
 
 def main() -> None:
@@ -104,6 +113,7 @@ def main() -> None:
     parser.add_argument("--input_length", type=int, default=128)
     parser.add_argument("--target_length", type=int, default=32)
     parser.add_argument("--decode_length", type=int, default=32)
+    parser.add_argument("--num_beams", type=int, default=4, help="0: no beam-search timing")
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
 
@@ -116,18 +126,32 @@ def main() -> None:
             config, output_layer_factory=functools.partial(SurfaceFusion, mode=args.mode)
         ),
     }
-    fns = {name: benchmark_fns(model, batch, args) for name, model in models.items()}
-    steps = _interleaved_median_seconds({n: f[0] for n, f in fns.items()}, args.repeats)
-    decodes = _interleaved_median_seconds({n: f[1] for n, f in fns.items()}, args.repeats)
+    fns, xla_flops = {}, {}
+    for name, model in models.items():
+        fns[name], xla_flops[name] = benchmark_fns(model, batch, args)
+    seconds = {
+        part: _interleaved_median_seconds({n: f[part] for n, f in fns.items()}, args.repeats)
+        for part in fns["plain"]
+    }
     tokens = args.batch * args.decode_length
     plain, fused = (
         {
-            "train_step_seconds": steps[name],
-            "decode_seconds": decodes[name],
-            "decode_tokens_per_second": tokens / decodes[name],
-            "train_step_xla_flops": fns[name][2],
+            "train_step_seconds": seconds["train"][name],
+            **{
+                f"{part}_decode_tokens_per_second": tokens / seconds[part][name]
+                for part in seconds
+                if part != "train"
+            },
+            "train_step_xla_flops": xla_flops[name],
+            "train_step_model_flops": flops.step_flops(
+                config,
+                args.batch,
+                args.input_length,
+                args.target_length,
+                model.output_layer_factory(config),
+            ).train,
         }
-        for name in models
+        for name, model in models.items()
     )
     report = {
         "benchmark": "fusion",
@@ -144,8 +168,15 @@ def main() -> None:
             if plain["train_step_xla_flops"]
             else None
         ),
-        "decode_throughput_ratio": fused["decode_tokens_per_second"]
-        / plain["decode_tokens_per_second"],
+        "train_step_model_flops_overhead": fused["train_step_model_flops"]
+        / plain["train_step_model_flops"]
+        - 1,
+        **{
+            f"{part}_decode_throughput_ratio": fused[f"{part}_decode_tokens_per_second"]
+            / plain[f"{part}_decode_tokens_per_second"]
+            for part in seconds
+            if part != "train"
+        },
     }
     print(json.dumps(report, indent=1))
 

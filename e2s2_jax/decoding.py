@@ -22,6 +22,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from e2s2_jax.models.fusion import SURFACE_ATTENTION_CACHE
 from e2s2_jax.models.t5 import CROSS_ATTENTION_CACHE, T5, EncoderOutputs
 
 Array = jax.Array
@@ -302,8 +303,8 @@ def _repeat_rows(tree, times: int):
 
 
 # Cache leaves the beams of a row share unrepeated: attention groups the beams' queries over
-# them (`models/t5.py: group_rows`).
-SHARED_BY_BEAMS = CROSS_ATTENTION_CACHE
+# them (`models/t5.py: group_rows`, and SurfaceFusion's surface attention).
+SHARED_BY_BEAMS = CROSS_ATTENTION_CACHE + SURFACE_ATTENTION_CACHE
 
 
 def _repeat_cache_rows(cache: Cache, repeated_shapes: Cache, times: int) -> Cache:
@@ -352,9 +353,9 @@ def predict_batch(
         return tokens_to_logits
 
     # The first call creates the cache (and the cross-attention keys/values); its dummy
-    # step 0 is overwritten by the real one. Beams of a row share the cross-attention keys
-    # and values: they are projected and kept once per row (`SHARED_BY_BEAMS`); the rest of
-    # the cache (SurfaceFusion's source keys/values included) is repeated for the beams.
+    # step 0 is overwritten by the real one. Beams of a row share the keys and values over
+    # the source (cross-attention's, SurfaceFusion's): they are projected and kept once per
+    # row (`SHARED_BY_BEAMS`); the rest of the cache is repeated for the beams.
     dummy = jnp.full((batch_size,), cfg.decoder_start_id, jnp.int32)
     start = jnp.array(0, jnp.int32)
     _, cache = step_over(encoder_outputs)(dummy, None, start)

@@ -316,7 +316,7 @@ def _flops_per_step(compiled) -> float | None:
     return float(flops) if flops and flops > 0 else None
 
 
-def _model_flops_per_step(config, objective, batch) -> float:
+def _model_flops_per_step(model, objective, batch) -> float:
     """`training.flops` model FLOPs of one step on `batch`'s shapes; an objective that runs
     several encoder views per example (E2S2) runs that many rows per example."""
     from e2s2_jax.training import flops
@@ -324,7 +324,10 @@ def _model_flops_per_step(config, objective, batch) -> float:
     rows, inputs_length = batch["encoder_input_tokens"].shape
     views = len(getattr(objective, "views", ("encoder_input_tokens",)))
     targets_length = batch["decoder_target_tokens"].shape[1]
-    return flops.step_flops(config, rows * views, inputs_length, targets_length).train
+    output_layer = model.output_layer_factory(model.config)
+    return flops.step_flops(
+        model.config, rows * views, inputs_length, targets_length, output_layer
+    ).train
 
 
 def _param_table(boxed_params) -> str:
@@ -525,7 +528,7 @@ def train(
     local_batch = next(batches)
     batch = partitioning.make_global_batch(local_batch, mesh, rules)
     compiled = train_step.lower(state, batch, train_rng).compile()
-    model_flops = _model_flops_per_step(model.config, objective, batch)
+    model_flops = _model_flops_per_step(model, objective, batch)
     throughput = Throughput(train_steps, model_flops, peak_flops())
     log(
         f"compiled the train step in {time.time() - start_time:.0f}s since start; "

@@ -1,8 +1,11 @@
-"""Shared by the decoding tests: teacher-forced decoding one cached step at a time."""
+"""Shared by the decoding tests: teacher-forced decoding one cached step at a time, and beam
+search over a shared source cache against one repeated per beam."""
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from e2s2_jax import decoding
 from e2s2_jax.models.t5 import T5
 
 
@@ -32,3 +35,18 @@ def cached_decoder_steps(model, params, encoder_tokens, decoder_tokens):
         logits, cache = step(cache, decoder_tokens[:, position], jnp.int32(position))
         outputs.append(logits)
     return jnp.stack(outputs, 1), cache
+
+
+def beam_search_shared_and_repeated(model, params, encoder_tokens, monkeypatch):
+    """3-beam search results with the source caches kept once per row (`SHARED_BY_BEAMS`) and
+    with every cache leaf repeated per beam; asserts that beams and scores agree."""
+    config = decoding.DecodeConfig(
+        "beam", max_decode_length=8, num_beams=3, length_penalty=0.6, stop_bound="max_length"
+    )
+    shared = decoding.make_predict_fn(model, config)(params, encoder_tokens)
+    monkeypatch.setattr(decoding, "SHARED_BY_BEAMS", ())
+    # A fresh jit (not `make_predict_fn`'s cached one), traced with the patched names.
+    repeated = decoding.make_predict_fn.__wrapped__(model, config)(params, encoder_tokens)
+    np.testing.assert_array_equal(shared.tokens, repeated.tokens)
+    np.testing.assert_allclose(shared.scores, repeated.scores, rtol=1e-6, atol=1e-6)
+    return shared, repeated

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from decode_helpers import cached_decoder_steps
+from decode_helpers import beam_search_shared_and_repeated, cached_decoder_steps
 from flax import linen as nn
 
 from e2s2_jax import decoding
@@ -193,14 +193,7 @@ def test_beam_search_on_shared_cross_attention_cache_equals_repeated_cache(scan,
     """Beams of a row attend one copy of its cross-attention keys/values; the beams and scores
     equal those of the plain attention over a copy per beam."""
     model, params, encoder_tokens = _setup(scan, seed=4)
-    config = DecodeConfig(
-        "beam", max_decode_length=8, num_beams=3, length_penalty=0.6, stop_bound="max_length"
-    )
-    shared = make_predict_fn(model, config)(params, encoder_tokens)
-    monkeypatch.setattr(decoding, "SHARED_BY_BEAMS", ())
-    repeated = make_predict_fn(model, config)(params, encoder_tokens)
-    np.testing.assert_array_equal(shared.tokens, repeated.tokens)
-    np.testing.assert_allclose(shared.scores, repeated.scores, rtol=1e-6, atol=1e-6)
+    beam_search_shared_and_repeated(model, params, encoder_tokens, monkeypatch)
 
 
 def test_beam_cache_keeps_cross_attention_once_per_row():

@@ -2,6 +2,7 @@
 `dot_general` in the traced program (forward, and the full value-and-grad), walked through
 nested jaxprs and scaled by scan lengths."""
 
+import functools
 import math
 
 import jax
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 from jax.extend import core
 
+from e2s2_jax.models.fusion import SurfaceFusion
 from e2s2_jax.models.t5 import T5, T5Config
 from e2s2_jax.objectives import Seq2SeqObjective
 from e2s2_jax.training import flops
@@ -65,16 +67,9 @@ def _batch(batch_size, inputs_length, targets_length, vocab):
     }
 
 
-@pytest.mark.parametrize(
-    "changes",
-    [{}, {"feed_forward_proj": "relu", "tie_word_embeddings": True}, {"scan_layers": True}],
-    ids=["t5_1_1", "t5_1_0", "scanned"],
-)
-@pytest.mark.parametrize("lengths", [(11, 5), (7, 13)])
-def test_step_flops_equal_the_traced_matmuls(changes, lengths):
-    config = T5Config(**{**SMALLISH.__dict__, **changes})
-    batch = _batch(3, *lengths, config.vocab_size)
-    model = T5(config)
+def traced_flops(model: T5, batch_size: int, lengths: tuple[int, int]) -> tuple[int, int]:
+    """The matmul FLOPs of the traced span-corruption loss, and of its gradient."""
+    batch = _batch(batch_size, *lengths, model.config.vocab_size)
     params = jax.eval_shape(
         lambda: model.init(
             jax.random.key(0), batch["encoder_input_tokens"], batch["decoder_input_tokens"]
@@ -87,11 +82,38 @@ def test_step_flops_equal_the_traced_matmuls(changes, lengths):
         return objective(model, p, batch, normalizers, None)[0]
 
     forward = dot_flops(jax.make_jaxpr(loss)(params).jaxpr)
-    train = dot_flops(jax.make_jaxpr(jax.grad(loss))(params).jaxpr)
+    return forward, dot_flops(jax.make_jaxpr(jax.grad(loss))(params).jaxpr)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [{}, {"feed_forward_proj": "relu", "tie_word_embeddings": True}, {"scan_layers": True}],
+    ids=["t5_1_1", "t5_1_0", "scanned"],
+)
+@pytest.mark.parametrize("lengths", [(11, 5), (7, 13)])
+def test_step_flops_equal_the_traced_matmuls(changes, lengths):
+    config = T5Config(**{**SMALLISH.__dict__, **changes})
+    forward, train = traced_flops(T5(config), 3, lengths)
     expected = flops.step_flops(config, 3, *lengths)
     assert expected.forward == forward
     # The backward of each matmul is two matmuls of its size: the step is exactly 3x.
     assert expected.train == train
+
+
+@pytest.mark.parametrize("mode,ffn_dim", [("hard", 0), ("gate", 12)])
+def test_surface_fusion_flops_equal_the_traced_matmuls(mode, ffn_dim):
+    """SurfaceFusion's output layer counted as well; its stopped query and key inputs get no
+    gradient, so the step is 3x the forward less those two projections."""
+    lengths = (11, 5)
+    layer = functools.partial(SurfaceFusion, mode=mode, ffn_dim=ffn_dim)
+    model = T5(SMALLISH, output_layer_factory=layer)
+    forward, train = traced_flops(model, 3, lengths)
+    expected = flops.step_flops(SMALLISH, 3, *lengths, model.output_layer_factory(SMALLISH))
+    plain = flops.step_flops(SMALLISH, 3, *lengths)
+    assert expected.surface_fusion > 0 and expected.encoder == plain.encoder
+    assert expected.forward == forward
+    assert expected.train == train
+    assert expected.train < 3 * expected.forward
 
 
 def test_flops_per_token_is_six_n_plus_attention():

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from decode_helpers import cached_decoder_steps
+from decode_helpers import beam_search_shared_and_repeated, cached_decoder_steps
 from flax import linen as nn
 from flax import traverse_util
 
@@ -308,6 +308,18 @@ def test_beam_search_and_greedy_run_with_fusion(mode):
     reference = np.asarray(decoder[:, 1:])
     ended = np.cumsum(np.cumsum(reference == 1, 1), 1) > 1
     np.testing.assert_array_equal(greedy.tokens, np.where(ended, 0, reference))
+
+
+@pytest.mark.parametrize("mode", ["hard", "gate"])
+def test_beam_search_on_shared_source_cache_equals_repeated_cache(mode, monkeypatch):
+    """Beams of a row attend one copy of its surface-attention source keys/values (padded row
+    included); beams and scores equal those over a copy per beam."""
+    model = fusion_model(mode=mode, lam=0.5)
+    encoder_tokens = tokens(7)
+    params = init_params(model, encoder_tokens, encoder_tokens[:, :4])
+    params = randomize(params, ("output_layer", "residual_ffn", "wo", "kernel"), seed=2)
+    shared, _ = beam_search_shared_and_repeated(model, params, encoder_tokens, monkeypatch)
+    assert len({tuple(np.asarray(row)) for row in shared.tokens[0]}) == 3  # distinct beams
 
 
 # ----------------------------------------------------------------------------- baselines

@@ -45,6 +45,9 @@ Array = jax.Array
 
 FUSION_MODES = ("hard", "soft", "postnorm", "gate")
 
+# The "cache" variables the surface attention projects once per decode (source keys, values).
+SURFACE_ATTENTION_CACHE = ("source_key", "source_value")
+
 
 def fuse_log_probs(
     mode: str,
@@ -85,7 +88,8 @@ class SurfaceAttention(nn.Module):
     Its inner width is `d_model`; the kernels' inner axis is named "mlp" so that it is split
     over the model-parallel mesh axis like the other wide matmuls. As in T5's attention, the
     1/sqrt(width) scaling is folded into the query init. With `decode=True` the source keys and
-    values are projected once, on the call that creates the cache.
+    values are projected once, on the call that creates the cache, and kept once per input row
+    when beam search runs several beams per row.
     """
 
     config: T5Config
@@ -122,12 +126,9 @@ class SurfaceAttention(nn.Module):
             return keys, value_proj(encoder_outputs.embedded)
 
         if decode:
-            key, value = cache_once(self, ("source_key", "source_value"), source_keys_values)
+            key, value = cache_once(self, SURFACE_ATTENTION_CACHE, source_keys_values)
         else:
             key, value = source_keys_values()
-        query = nn.with_logical_constraint(query, ("batch", "length", "mlp"))
-        key = nn.with_logical_constraint(key, ("batch", "length", "mlp"))
-        value = nn.with_logical_constraint(value, ("batch", "length", "mlp"))
 
         batch, length = decoder_hidden.shape[:2]
         bias = attention_mask_bias(
@@ -136,10 +137,21 @@ class SurfaceAttention(nn.Module):
             decoder_segment_ids,
             encoder_segment_ids,
         )[:, 0]
+        # Beam search keeps the source keys/values once per input row: the `groups` adjacent
+        # rows of its beams attend them as one row of `groups * length` queries.
+        groups = batch // key.shape[0]
+        if groups > 1:
+            bias = bias.reshape(key.shape[0], groups * length, bias.shape[-1])
+            query = query.reshape(key.shape[0], groups * length, query.shape[-1])
+        query = nn.with_logical_constraint(query, ("batch", "length", "mlp"))
+        key = nn.with_logical_constraint(key, ("batch", "length", "mlp"))
+        value = nn.with_logical_constraint(value, ("batch", "length", "mlp"))
         scores = jnp.einsum("bqk,bsk->bqs", query, key, preferred_element_type=jnp.float32)
         weights = jax.nn.softmax(scores + bias, axis=-1).astype(cfg.activation_dtype)
         weights = nn.Dropout(self.dropout_rate)(weights, deterministic=deterministic)
         context = jnp.einsum("bqs,bsk->bqk", weights, value)
+        if groups > 1:
+            context = context.reshape(batch, length, context.shape[-1])
         out = projection("out", width**-0.5, to_embed=True)(context)
         return nn.with_logical_constraint(out, ("batch", "length", "embed"))
 
