@@ -31,8 +31,8 @@ the batch's shapes); MFU is reported when the device's peak FLOP/s is in
   PYTHONPATH=. python benchmarks/train_step.py --model_gin gin/models/t5_1_1_tiny.gin
   PYTHONPATH=. python benchmarks/train_step.py --model_gin gin/models/t5_1_1_small.gin \
       --steps 2 --rounds 3
-  # on an accelerator (no torch there; gin-config, pure Python, travels as a wheel): ours only,
-  # bfloat16 activations, MFU reported where the device's peak is known
+  # on an accelerator (no TensorFlow or SeqIO there, and none needed; gin-config, pure Python,
+  # travels as a wheel): ours only, bfloat16 activations, MFU where the device's peak is known
   PYTHONPATH=. python benchmarks/train_step.py --model_gin gin/models/t5_1_1_base.gin \
       --contenders ours --dtype bfloat16 --batch_size 64
 """

@@ -52,3 +52,41 @@ def test_glibc_defaults_opt_out_does_not_reexec(tmp_path):
     report, starts = _run(tmp_path, E2S2_BENCH_GLIBC_MALLOC_DEFAULTS="1")
     assert starts == 1
     assert report["host_malloc"] == {"E2S2_BENCH_GLIBC_MALLOC_DEFAULTS": "1"}
+
+
+ACCELERATOR_IMAGE = """
+import runpy, sys
+# The accelerator image has jax, flax, optax and orbax (gin-config travels as a wheel) but no
+# TensorFlow or SeqIO; `--contenders ours` must not need torch or transformers either. Importing
+# any of these fails here.
+for name in ("tensorflow", "tensorflow_text", "seqio", "torch", "transformers"):
+    sys.modules[name] = None
+sys.argv = ["train_step.py", *sys.argv[1:]]
+runpy.run_path({script!r}, run_name="__main__")
+"""
+
+
+def test_train_step_benchmark_runs_ours_without_tensorflow_seqio_or_torch(tmp_path):
+    """The GPU command (`--contenders ours --dtype bfloat16`) must not need what the
+    accelerator image lacks; here at tiny sizes, one step."""
+    script = tmp_path / "accelerator_image.py"
+    script.write_text(
+        ACCELERATOR_IMAGE.format(script=os.path.join(REPO, "benchmarks", "train_step.py"))
+    )
+    env = {**os.environ, "E2S2_BENCH_GLIBC_MALLOC_DEFAULTS": "1", "PYTHONPATH": REPO}
+    args = ["--model_gin", os.path.join(REPO, "gin/models/t5_1_1_tiny.gin"), "--contenders"]
+    args += ["ours", "--dtype", "bfloat16", "--steps", "1", "--rounds", "1", "--batch_size", "2"]
+    args += ["--inputs_length", "32", "--targets_length", "8"]
+    out = subprocess.run(
+        [sys.executable, str(script), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(out.stdout[out.stdout.index("{") :])
+    assert report["activation_dtype"] == "bfloat16"
+    assert report["tokens_per_step"] == 2 * (32 + 8)
+    assert report["tokens_per_second"]["span_corruption"] > 0
