@@ -39,6 +39,7 @@ from e2s2_jax.models.t5 import (
     T5Config,
     attention_mask_bias,
     cache_once,
+    dense_rows,
 )
 
 Array = jax.Array
@@ -110,10 +111,10 @@ class SurfaceAttention(nn.Module):
         width = cfg.d_model
 
         def projection(name: str, stddev: float, to_embed: bool = False) -> Projection:
-            shape, axes, equation = (cfg.d_model, width), ("embed", "mlp"), "bld,dk->blk"
+            shape, axes = (cfg.d_model, width), ("embed", "mlp")
             if to_embed:
-                shape, axes, equation = (width, cfg.d_model), ("mlp", "embed"), "blk,kd->bld"
-            return Projection(shape, axes, equation, stddev, cfg.activation_dtype, name=name)
+                shape, axes = (width, cfg.d_model), ("mlp", "embed")
+            return Projection(shape, axes, dense_rows, stddev, cfg.activation_dtype, name=name)
 
         query = projection("query", (cfg.d_model * width) ** -0.5)(
             jax.lax.stop_gradient(decoder_hidden)
@@ -170,7 +171,7 @@ class ResidualFeedForward(nn.Module):
         w1 = Projection(
             shape=(cfg.d_model, hidden_dim),
             axes=("embed", "mlp"),
-            equation="bld,df->blf",
+            equation=dense_rows,
             stddev=cfg.d_model**-0.5,
             dtype=cfg.activation_dtype,
             name="wi",
@@ -178,7 +179,7 @@ class ResidualFeedForward(nn.Module):
         w2 = Projection(
             shape=(hidden_dim, cfg.d_model),
             axes=("mlp", "embed"),
-            equation="blf,fd->bld",
+            equation=dense_rows,
             stddev=0.0,
             dtype=cfg.activation_dtype,
             kernel_init=nn.initializers.zeros,

@@ -211,13 +211,22 @@ class RMSNorm(nn.Module):
         return (scale * normed).astype(self.config.activation_dtype)
 
 
+def dense_rows(x: Array, kernel: Array) -> Array:
+    """`einsum("...d,df->...f", x, kernel)` as one 2-D matmul over the rows of `x` flattened
+    to `[rows, d]`. (On the 3-D `[batch, length, d]` form, XLA:CPU lays out the backward's
+    kernel-gradient operand transposed and materialises that transpose in a fused loop:
+    about 1.5x the time of a T5 1.1 small feed-forward's forward and backward.)"""
+    rows = x.reshape(-1, x.shape[-1])
+    return jnp.dot(rows, kernel).reshape(*x.shape[:-1], kernel.shape[-1])
+
+
 def project_to_heads(x: Array, kernel: Array) -> Array:
     """`einsum("bld,dhk->bhlk", x, kernel)` as one 2-D matmul over the flattened `[d, h * k]`
     kernel, then the reshape and transpose. (Written as the einsum, XLA:CPU lays the decoding
     step's dot out transposed and copies every kernel, transposed, at every step.)"""
     batch, length, _ = x.shape
     d_model, heads, kv = kernel.shape
-    flat = jnp.einsum("bld,dn->bln", x, kernel.reshape(d_model, heads * kv))
+    flat = dense_rows(x, kernel.reshape(d_model, heads * kv))
     return flat.reshape(batch, length, heads, kv).transpose(0, 2, 1, 3)
 
 
@@ -225,7 +234,7 @@ def project_from_heads(x: Array, kernel: Array) -> Array:
     """`einsum("bhlk,hkd->bld", x, kernel)` as one 2-D matmul over the `[h * k, d]` kernel."""
     batch, heads, length, kv = x.shape
     flat = x.transpose(0, 2, 1, 3).reshape(batch, length, heads * kv)
-    return jnp.einsum("bln,nd->bld", flat, kernel.reshape(heads * kv, kernel.shape[-1]))
+    return dense_rows(flat, kernel.reshape(heads * kv, kernel.shape[-1]))
 
 
 class Projection(nn.Module):
@@ -390,17 +399,19 @@ class FeedForward(nn.Module):
         )
         in_init = _normal(cfg.d_model**-0.5, ("embed", "mlp"))
         activation = _activation(cfg.feed_forward_proj)
+        # The matmuls run on the flattened `[batch * length, embed]` rows (see `dense_rows`).
+        lead, rows = x.shape[:-1], x.reshape(-1, x.shape[-1])
         if cfg.is_gated:
-            gate = activation(dense(cfg.d_ff, kernel_init=in_init, name="wi_0")(x))
-            hidden = gate * dense(cfg.d_ff, kernel_init=in_init, name="wi_1")(x)
+            gate = activation(dense(cfg.d_ff, kernel_init=in_init, name="wi_0")(rows))
+            hidden = gate * dense(cfg.d_ff, kernel_init=in_init, name="wi_1")(rows)
         else:
-            hidden = activation(dense(cfg.d_ff, kernel_init=in_init, name="wi")(x))
-        hidden = nn.with_logical_constraint(hidden, ("batch", "length", "mlp"))
+            hidden = activation(dense(cfg.d_ff, kernel_init=in_init, name="wi")(rows))
+        hidden = nn.with_logical_constraint(hidden.reshape(*lead, -1), ("batch", "length", "mlp"))
         hidden = nn.Dropout(cfg.dropout_rate)(hidden, deterministic=self.deterministic)
         out = dense(cfg.d_model, kernel_init=_normal(cfg.d_ff**-0.5, ("mlp", "embed")), name="wo")(
-            hidden
+            hidden.reshape(-1, cfg.d_ff)
         )
-        return nn.with_logical_constraint(out, ("batch", "length", "embed"))
+        return nn.with_logical_constraint(out.reshape(*lead, -1), ("batch", "length", "embed"))
 
 
 class EncoderLayer(nn.Module):
@@ -761,7 +772,9 @@ class OutputProjection(nn.Module):
         def head(hidden: Array) -> Array:
             if cfg.scale_decoder_outputs:
                 hidden = hidden * cfg.d_model**-0.5
-            logits = shared_embedding.attend(hidden) if dense is None else dense(hidden)
+            rows = hidden.reshape(-1, hidden.shape[-1])  # 2-D matmul (see `dense_rows`)
+            logits = shared_embedding.attend(rows) if dense is None else dense(rows)
+            logits = logits.reshape(*hidden.shape[:-1], -1)
             logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
             return logits.astype(jnp.float32)
 
