@@ -106,7 +106,8 @@ def main(argv=None) -> None:
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, list | tuple) else cost
         flops[name] = float(cost["flops"]) if cost and "flops" in cost else None
-        state, metrics = step(state, batch, jax.random.key(1))  # warm-up
+        for _ in range(2):  # warm-up; the second step grows the retained heap to its peak
+            state, metrics = step(state, batch, jax.random.key(1))
         jax.block_until_ready(metrics)
         runners[name] = [step, state]
 

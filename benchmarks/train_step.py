@@ -7,8 +7,9 @@ full rows (no padding, so tokens/s counts `batch x (inputs + targets)` non-pad t
 `make_train_step` with `optax.adamw`, `Seq2SeqObjective(z_loss=0)`, compiled before timing
 (compile seconds reported). Theirs: the model `export_hf` wrote from our initial params, in
 train mode with dropout 0 (as ours), `torch.optim.AdamW` with the same hyper-parameters and as
-many torch threads as this process has CPUs; one untimed warm-up step. The first-step losses
-of the two are compared (same weights, same batch: they must agree). Contenders alternate
+many torch threads as this process has CPUs; untimed warm-up steps (two of ours, one of
+torch's). The first-step losses of the two are compared (same weights, same batch: they must
+agree). Contenders alternate
 within each of `--rounds` rounds of `--steps` steps, each round starting one contender later
 (a JAX step run right after a torch step is slowed by it); medians, spread and every round are
 reported.
@@ -244,7 +245,10 @@ def main(argv: list[str] | None = None) -> None:
         _log(f"compiling {name}")
         runner = OursStep(*objective_setting(name, model), batch)
         compile_seconds[name] = round(runner.compile_seconds, 2)
-        runner.run(1)  # warm-up
+        # Two warm-up steps: with the retained heap, a program's second step is the one that
+        # grows it to its peak (20-30 s at T5-small, against about 6 s for every later step).
+        runner.run(1)
+        runner.run(1)
         runners[name] = runner
     if "hf" in contenders:
         _log("loading the same weights into transformers")
