@@ -134,13 +134,12 @@ def main() -> None:
         for part in fns["plain"]
     }
     tokens = args.batch * args.decode_length
+    decodes = [part for part in seconds if part != "train"]
     plain, fused = (
         {
             "train_step_seconds": seconds["train"][name],
             **{
-                f"{part}_decode_tokens_per_second": tokens / seconds[part][name]
-                for part in seconds
-                if part != "train"
+                f"{part}_decode_tokens_per_second": tokens / seconds[part][name] for part in decodes
             },
             "train_step_xla_flops": xla_flops[name],
             "train_step_model_flops": flops.step_flops(
@@ -174,8 +173,7 @@ def main() -> None:
         **{
             f"{part}_decode_throughput_ratio": fused[f"{part}_decode_tokens_per_second"]
             / plain[f"{part}_decode_tokens_per_second"]
-            for part in seconds
-            if part != "train"
+            for part in decodes
         },
     }
     print(json.dumps(report, indent=1))

@@ -394,24 +394,21 @@ class FeedForward(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         cfg = self.config
-        dense = functools.partial(
-            nn.DenseGeneral, use_bias=False, dtype=cfg.activation_dtype, param_dtype=jnp.float32
+        dense = functools.partial(Projection, equation=dense_rows, dtype=cfg.activation_dtype)
+        wi = functools.partial(
+            dense, shape=(cfg.d_model, cfg.d_ff), axes=("embed", "mlp"), stddev=cfg.d_model**-0.5
         )
-        in_init = _normal(cfg.d_model**-0.5, ("embed", "mlp"))
         activation = _activation(cfg.feed_forward_proj)
-        # The matmuls run on the flattened `[batch * length, embed]` rows (see `dense_rows`).
-        lead, rows = x.shape[:-1], x.reshape(-1, x.shape[-1])
         if cfg.is_gated:
-            gate = activation(dense(cfg.d_ff, kernel_init=in_init, name="wi_0")(rows))
-            hidden = gate * dense(cfg.d_ff, kernel_init=in_init, name="wi_1")(rows)
+            hidden = activation(wi(name="wi_0")(x)) * wi(name="wi_1")(x)
         else:
-            hidden = activation(dense(cfg.d_ff, kernel_init=in_init, name="wi")(rows))
-        hidden = nn.with_logical_constraint(hidden.reshape(*lead, -1), ("batch", "length", "mlp"))
+            hidden = activation(wi(name="wi")(x))
+        hidden = nn.with_logical_constraint(hidden, ("batch", "length", "mlp"))
         hidden = nn.Dropout(cfg.dropout_rate)(hidden, deterministic=self.deterministic)
-        out = dense(cfg.d_model, kernel_init=_normal(cfg.d_ff**-0.5, ("mlp", "embed")), name="wo")(
-            hidden.reshape(-1, cfg.d_ff)
-        )
-        return nn.with_logical_constraint(out.reshape(*lead, -1), ("batch", "length", "embed"))
+        out = dense(
+            shape=(cfg.d_ff, cfg.d_model), axes=("mlp", "embed"), stddev=cfg.d_ff**-0.5, name="wo"
+        )(hidden)
+        return nn.with_logical_constraint(out, ("batch", "length", "embed"))
 
 
 class EncoderLayer(nn.Module):
