@@ -24,7 +24,9 @@ setup() {
   echo "launch.sh: installing pinned requirements into $VENV (a few minutes the first time)"
   "$PYTHON" -m venv "$VENV"
   "$VENV/bin/pip" install --quiet --upgrade pip
-  "$VENV/bin/pip" install --quiet -r requirements-test.txt
+  # No byte-compiling at install: Python compiles the modules that are imported when they are
+  # first imported (measured: transformers installs in 1.6 s instead of 11.8 s).
+  "$VENV/bin/pip" install --quiet --no-compile -r requirements-test.txt
   echo "$want" > "$stamp"
 }
 
@@ -38,7 +40,10 @@ case "${1:-}" in
     setup
     shift
     # Two workers: much of the suite is single-threaded (imports, tracing, subprocess start-up).
-    exec "$VENV/bin/python" -m pytest -q -n "${TEST_WORKERS:-2}" "$@"
+    # loadfile: a module's tests run on one worker, so a module-scoped fixture (an 8-device
+    # subprocess, a trained model) is built once. (loadgroup would group finer, but
+    # pytest-xdist 3.8 cannot mark groups under pytest 9.)
+    exec "$VENV/bin/python" -m pytest -q -n "${TEST_WORKERS:-2}" --dist loadfile "$@"
     ;;
   *)
     sed -n '2,5p' "$0"

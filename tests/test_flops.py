@@ -1,6 +1,7 @@
 """Model FLOPs (`training/flops.py`) against an independent count: the FLOPs of every
 `dot_general` in the traced program (forward, and the full value-and-grad), walked through
-nested jaxprs and scaled by scan lengths."""
+nested jaxprs and scaled by scan lengths; and benchmarks/matmul_roofline.py's collection of those
+dots against the same model FLOPs."""
 
 import functools
 import math
@@ -8,8 +9,12 @@ import math
 import jax
 import numpy as np
 import pytest
+from jax import lax
 from jax.extend import core
 
+from benchmarks.e2s2_step import synthetic_batch
+from benchmarks.matmul_roofline import dot_flops as roofline_dot_flops
+from benchmarks.matmul_roofline import einsum_equation, traced_step_dots
 from e2s2_jax.models.fusion import SurfaceFusion
 from e2s2_jax.models.t5 import T5, T5Config
 from e2s2_jax.objectives import Seq2SeqObjective
@@ -126,3 +131,38 @@ def test_flops_per_token_is_six_n_plus_attention():
     decoder_params = config.num_decoder_layers * (8 * d * i + 3 * d * f) + d * config.vocab_size
     attention = 3 * (config.num_encoder_layers * 4 * i + config.num_decoder_layers * 8 * i)
     assert row == 6 * (encoder_params + decoder_params) + attention
+
+
+# benchmarks/matmul_roofline.py: the dots it collects from the traced step add up to these model
+# FLOPs, and the einsum it times in torch is the same contraction as the dot_general.
+
+
+@pytest.mark.parametrize(
+    "lhs_shape, rhs_shape, dimension_numbers",
+    [
+        ((6, 4), (4, 5), (((1,), (0,)), ((), ()))),  # plain matmul
+        ((6, 4), (6, 5), (((0,), (0,)), ((), ()))),  # kernel gradient: contract the rows
+        ((2, 7, 3, 4), (2, 9, 3, 4), (((3,), (3,)), ((0, 2), (0, 2)))),  # attention scores
+        ((3, 2, 5), (5, 2, 4), (((2,), (0,)), ((1,), (1,)))),  # batch dims not leading
+    ],
+)
+def test_einsum_equation_and_flops_match_dot_general(lhs_shape, rhs_shape, dimension_numbers):
+    rng = np.random.default_rng(0)
+    lhs = rng.standard_normal(lhs_shape).astype(np.float32)
+    rhs = rng.standard_normal(rhs_shape).astype(np.float32)
+    want = np.asarray(lax.dot_general(lhs, rhs, dimension_numbers))
+    equation = einsum_equation(len(lhs_shape), len(rhs_shape), dimension_numbers)
+    np.testing.assert_allclose(np.einsum(equation, lhs, rhs), want, rtol=1e-5, atol=1e-5)
+    (lhs_contract, _), _ = dimension_numbers
+    contracted = int(np.prod([lhs_shape[d] for d in lhs_contract]))
+    assert roofline_dot_flops(lhs_shape, rhs_shape, dimension_numbers) == 2 * want.size * contracted
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_step_dots_add_up_to_the_model_flops_of_the_step(scan_layers):
+    config = T5Config(**{**SMALLISH.__dict__, "scan_layers": scan_layers})
+    batch = synthetic_batch(0, 3, 11, 5, config.vocab_size)
+    dots = traced_step_dots(T5(config), batch)
+    total = sum(count * roofline_dot_flops(*key) for key, count in dots.items())
+    # With scanned layers this holds only if a scan body's dots count once per layer.
+    assert total == flops.step_flops(config, 3, 11, 5).train
