@@ -247,6 +247,7 @@ def main(argv: list[str] | None = None) -> None:
         compile_seconds[name] = round(runner.compile_seconds, 2)
         # Two warm-up steps: with the retained heap, a program's second step is the one that
         # grows it to its peak (20-30 s at T5-small, against about 6 s for every later step).
+        # Two calls, not run(2): the first call records the first step's loss.
         runner.run(1)
         runner.run(1)
         runners[name] = runner

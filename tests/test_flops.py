@@ -1,20 +1,18 @@
 """Model FLOPs (`training/flops.py`) against an independent count: the FLOPs of every
 `dot_general` in the traced program (forward, and the full value-and-grad), walked through
-nested jaxprs and scaled by scan lengths; and benchmarks/matmul_roofline.py's collection of those
-dots against the same model FLOPs."""
+nested jaxprs and scaled by scan lengths by `benchmarks/matmul_roofline.py`, which times those
+dots; and that benchmark's einsum form of a dot."""
 
 import functools
-import math
 
 import jax
 import numpy as np
 import pytest
 from jax import lax
-from jax.extend import core
 
 from benchmarks.e2s2_step import synthetic_batch
 from benchmarks.matmul_roofline import dot_flops as roofline_dot_flops
-from benchmarks.matmul_roofline import einsum_equation, traced_step_dots
+from benchmarks.matmul_roofline import einsum_equation, step_dots, traced_step_dots
 from e2s2_jax.models.fusion import SurfaceFusion
 from e2s2_jax.models.t5 import T5, T5Config
 from e2s2_jax.objectives import Seq2SeqObjective
@@ -33,31 +31,10 @@ SMALLISH = T5Config(
 )
 
 
-def _sub_jaxprs(params):
-    for value in params.values():
-        for item in value if isinstance(value, tuple | list) else (value,):
-            if isinstance(item, core.ClosedJaxpr):
-                yield item.jaxpr
-            elif isinstance(item, core.Jaxpr):
-                yield item
-
-
 def dot_flops(jaxpr) -> int:
-    """2 * multiply-adds of every dot_general in `jaxpr` and its sub-jaxprs (scan bodies times
-    their length)."""
-    total = 0
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "dot_general":
-            (lhs_contract, _), (lhs_batch, _) = eqn.params["dimension_numbers"]
-            lhs = eqn.invars[0].aval.shape
-            out = eqn.outvars[0].aval.shape
-            contracted = math.prod(lhs[d] for d in lhs_contract)
-            total += 2 * math.prod(out) * contracted
-            del lhs_batch  # batch dims are part of the output shape
-        multiplier = eqn.params.get("length", 1) if eqn.primitive.name == "scan" else 1
-        for sub in _sub_jaxprs(eqn.params):
-            total += multiplier * dot_flops(sub)
-    return total
+    """2 * multiply-adds of every float dot_general in `jaxpr` and its sub-jaxprs (scan bodies
+    times their length), from the dots `benchmarks/matmul_roofline.py` collects."""
+    return sum(count * roofline_dot_flops(*key) for key, count in step_dots(jaxpr).items())
 
 
 def _batch(batch_size, inputs_length, targets_length, vocab):
