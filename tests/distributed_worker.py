@@ -16,6 +16,8 @@ import argparse
 import json
 import os
 
+import eight_devices
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 STEPS = 4
@@ -31,7 +33,7 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     devices_per_process = 4 // args.num_processes
-    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices_per_process}"
+    os.environ["XLA_FLAGS"] = eight_devices.xla_flags(devices_per_process)
 
     import jax
 

@@ -12,14 +12,24 @@ import subprocess
 import sys
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
+
+
+def xla_flags(device_count: int | None = None) -> str:
+    """This process's `XLA_FLAGS` (the suite's compile settings, see conftest.py) for a
+    subprocess: any host device count removed, then `device_count` devices if given."""
+    flags = [
+        f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(DEVICE_COUNT_FLAG)
+    ]
+    if device_count is not None:
+        flags.append(f"{DEVICE_COUNT_FLAG}={device_count}")
+    return " ".join(flags)
 
 
 def run_worker(test_file: str, worker: str) -> dict:
     """Runs `python test_file worker` on 8 CPU devices; returns the JSON its last line prints."""
     env = dict(os.environ)
-    env["XLA_FLAGS"] = (
-        env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-    ).strip()
+    env["XLA_FLAGS"] = xla_flags(8)
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = REPO_ROOT + os.pathsep + env.get("PYTHONPATH", "")
     result = subprocess.run(

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 
+import eight_devices
 import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -24,7 +25,7 @@ def _env():
     env = dict(os.environ)
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
     env["TF_CPP_MIN_LOG_LEVEL"] = "2"
-    env.pop("XLA_FLAGS", None)
+    env["XLA_FLAGS"] = eight_devices.xla_flags()
     return env
 
 
@@ -83,7 +84,7 @@ def test_gin_trainer_runs_as_two_processes(tmp_path):
     port = _free_port()
     model_dir = tmp_path / "run"
     env = _env()
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    env["XLA_FLAGS"] = eight_devices.xla_flags(2)
     processes = [
         subprocess.Popen(
             [

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import eight_devices
 import numpy as np
 import pytest
 
@@ -31,7 +32,7 @@ def _env():
     env = dict(os.environ)
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
     env["TF_CPP_MIN_LOG_LEVEL"] = "2"
-    env.pop("XLA_FLAGS", None)
+    env["XLA_FLAGS"] = eight_devices.xla_flags()
     return env
 
 
@@ -184,7 +185,7 @@ def test_configuration_errors_fail_before_training(tmp_path, capsys, extra, expe
 
 def test_batch_the_data_axis_does_not_divide(tmp_path):
     env = _env()
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    env["XLA_FLAGS"] = eight_devices.xla_flags(8)
     result = subprocess.run(
         _command("train", tmp_path / "run", "--gin.TRAIN_STEPS=5", "--gin.BATCH_SIZE=12"),
         cwd=REPO,
