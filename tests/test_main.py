@@ -218,15 +218,26 @@ def test_missing_model_dir_and_unwritable_model_dir(tmp_path, capsys):
     assert f"MODEL_DIR='{blocker / 'run'}' is not writable" in stderr, stderr[-2000:]
 
 
-def test_train_eval_infer_outputs(tmp_path):
-    model_dir = tmp_path / "run"
+TRAINED_STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A finished 4-step run with an eval at step 4, for the tests that read one (each trainer
+    process costs 15-20 s, so they share it)."""
+    model_dir = tmp_path_factory.mktemp("trained") / "run"
     _run(
         "train",
         model_dir,
-        "--gin.TRAIN_STEPS=4",
-        "--gin.train.eval_every=4",
+        f"--gin.TRAIN_STEPS={TRAINED_STEPS}",
+        f"--gin.train.eval_every={TRAINED_STEPS}",
         "--gin.train.eval_batches=2",
     )
+    return model_dir
+
+
+def test_train_eval_infer_outputs(trained_run, tmp_path):
+    model_dir = trained_run
     for name in (
         "config.gin",
         "operative_config.gin",
@@ -274,9 +285,8 @@ def test_train_eval_infer_outputs(tmp_path):
     assert all(isinstance(r["prediction"], str) and np.isfinite(r["score"]) for r in records)
 
 
-def test_initial_checkpoint_fills_new_heads_and_fine_tuning_drops_them(tmp_path):
-    pretrained = tmp_path / "pretrained"
-    _run("train", pretrained, "--gin.TRAIN_STEPS=2")
+def test_initial_checkpoint_fills_new_heads_and_fine_tuning_drops_them(trained_run, tmp_path):
+    pretrained = trained_run
     # Continued pretraining with E2S2 adds the denoising head: filled from its initializer.
     e2s2 = tmp_path / "e2s2"
     result = _run(
@@ -348,16 +358,15 @@ def test_initial_checkpoint_fills_new_heads_and_fine_tuning_drops_them(tmp_path)
     assert np.isfinite(record["loss"])
 
 
-def test_export_reads_a_train_run(tmp_path):
+def test_export_reads_a_train_run(trained_run, tmp_path):
     import safetensors.numpy
 
     from e2s2_jax.interop import hf, params_io
 
-    model_dir = tmp_path / "run"
-    _run("train", model_dir, "--gin.TRAIN_STEPS=2")
+    model_dir = trained_run
     config, params = params_io.load_params(str(model_dir))
     assert (config.d_model, config.num_encoder_layers) == (64, 2)  # t5_1_1_tiny.gin
-    expected = _final_params(model_dir, 2)
+    expected = _final_params(model_dir, TRAINED_STEPS)
     import jax
 
     flat = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(params)}
