@@ -1,4 +1,5 @@
-"""Runs a test file's worker function in a subprocess that sees 8 simulated CPU devices.
+"""Runs a test file's worker function in a subprocess that sees 8 simulated CPU devices; and
+`xla_flags`, the `XLA_FLAGS` every test subprocess gets (the suite's own, with a device count).
 
 XLA reads `--xla_force_host_platform_device_count` once per process, so setting it inside
 pytest would depend on test order and give every other test module 8 devices too.
