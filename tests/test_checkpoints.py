@@ -48,3 +48,29 @@ def test_load_params_into_names_a_directory_without_params(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="holds no parameters"):
         load_params_into(str(tmp_path / "empty"), {}, {})
+
+
+def test_load_params_into_names_the_old_3d_attention_layout(tmp_path):
+    # Written before 2026-12-02: [embed, heads, kv] query and a scanned [layers, heads, kv,
+    # embed] output kernel; the model now stores [embed, heads * kv] / [layers, heads * kv,
+    # embed]. A plain size mismatch gets the generic message only.
+    old = {
+        "query": {"kernel": np.zeros((8, 2, 4), np.float32)},
+        "out": {"kernel": np.zeros((3, 2, 4, 8), np.float32)},
+    }
+    _save_params_dir(tmp_path / "old", old)
+    init = {
+        "query": {"kernel": np.zeros((8, 8), np.float32)},
+        "out": {"kernel": np.zeros((3, 8, 8), np.float32)},
+    }
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    shardings = jax.tree.map(lambda _: sharding, init)
+    with pytest.raises(
+        CheckpointError, match=r"query/kernel: checkpoint \(8, 2, 4\).*\[embed, heads, kv\]"
+    ):
+        load_params_into(str(tmp_path / "old"), init, shardings)
+    init["query"]["kernel"] = np.zeros((8, 9), np.float32)
+    init["out"]["kernel"] = np.zeros((3, 2, 4, 8), np.float32)
+    with pytest.raises(CheckpointError, match="do not fit") as error:
+        load_params_into(str(tmp_path / "old"), init, shardings)
+    assert "heads, kv" not in str(error.value)

@@ -37,8 +37,8 @@ def t5_1_1_param_shapes() -> list[tuple[tuple[int, ...], int | None]]:
     stacked on a leading axis (scan_layers) and an untied output projection."""
     v, d, f = SIZES["vocab"], SIZES["d_model"], SIZES["d_ff"]
     h, k, n = SIZES["heads"], SIZES["d_kv"], SIZES["layers"]
-    in_projection = ((n, d, h, k), 1)  # query, key, value: [layers, embed, heads, kv]
-    out_projection = ((n, h, k, d), 3)
+    in_projection = ((n, d, h * k), 1)  # query, key, value: [layers, embed, joined_kv]
+    out_projection = ((n, h * k, d), 2)
     attention = [in_projection] * 3 + [out_projection]
     mlp = [((n, d, f), 1), ((n, d, f), 1), ((n, f, d), 2)]
     norm = ((n, d), 1)

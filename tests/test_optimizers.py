@@ -1,5 +1,6 @@
 """Schedules and optimizers against closed forms and NumPy references."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -104,3 +105,57 @@ def test_warmup_cosine_schedule_is_optaxs_and_refuses_a_run_shorter_than_its_war
     for warmup, total in ((50, 10), (10, 10), (-1, 10)):
         with pytest.raises(ConfigError, match=r"TRAIN_STEPS.*warmup_cosine_decay_schedule"):
             optimizers.warmup_cosine_decay_schedule(0.0, 0.02, warmup, total)
+
+
+def _np_adafactor_step(param, grad, lr):
+    """One first-step Adafactor update of a matrix in float64 NumPy (Shazeer & Stern 2018,
+    t5x's T5 1.1 settings): at step 1 the decay `1 - 1**-0.8` is 0, so the row and column
+    statistics are the means of `grad**2 + 1e-30`; then update clipping at RMS 1 and the
+    parameter-scale step `max(1e-3, RMS(param))`."""
+    squared = grad**2 + 1e-30
+    row, col = squared.mean(axis=1), squared.mean(axis=0)
+    update = grad / np.sqrt(np.outer(row / row.mean(), col))
+    update /= max(1.0, np.sqrt(np.mean(update**2)))
+    return -lr * max(1e-3, np.sqrt(np.mean(param**2))) * update
+
+
+def test_adafactor_factors_t5_attention_kernels_and_matches_numpy():
+    from e2s2_jax.models.t5 import T5, T5Config
+    from e2s2_jax.training.train_state import abstract_boxed_params
+
+    # heads x kv = 2 x 64: the joined dimension reaches the 128 needed to factor.
+    config = T5Config(
+        vocab_size=256, d_model=128, num_heads=2, d_kv=64, d_ff=256,
+        num_encoder_layers=1, num_decoder_layers=1,
+    )  # fmt: skip
+    params = jax.tree.map(
+        lambda x: jnp.zeros(x.shape, x.dtype), nn.unbox(abstract_boxed_params(T5(config)))
+    )
+    optimizer = make_optimizer("adafactor", 0.01)
+    state = optimizer.init(params)[0]  # optax's FactoredState
+    attention = {"query", "key", "value", "out"}
+    checked = 0
+    for (path, param), v_row, v_col, v in zip(
+        jax.tree_util.tree_leaves_with_path(params),
+        jax.tree.leaves(state.v_row),
+        jax.tree.leaves(state.v_col),
+        jax.tree.leaves(state.v),
+        strict=True,
+    ):
+        if {getattr(entry, "key", None) for entry in path} & attention:
+            assert param.shape == (128, 128), (path, param.shape)
+            assert v_row.shape == v_col.shape == (128,) and v.shape == (1,), path
+            checked += 1
+    assert checked == 4 * 3  # encoder self, decoder self and cross attention
+
+    rng = np.random.default_rng(0)
+    param = rng.normal(size=(128, 256)) * 0.05
+    grad = rng.normal(size=(128, 256)) * np.linspace(0.1, 3.0, 256)  # column scales differ
+    update, _ = optimizer.update(
+        {"w": jnp.asarray(grad, jnp.float32)},
+        optimizer.init({"w": jnp.asarray(param, jnp.float32)}),
+        {"w": jnp.asarray(param, jnp.float32)},
+    )
+    np.testing.assert_allclose(
+        np.asarray(update["w"]), _np_adafactor_step(param, grad, 0.01), rtol=2e-4, atol=1e-9
+    )

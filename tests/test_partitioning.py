@@ -40,7 +40,7 @@ def test_rules_table_maps_every_model_axis():
     rules = dict(partitioning.LOGICAL_AXIS_RULES)
     assert rules["batch"] == ("data", "fsdp")
     assert rules["embed"] == "fsdp"
-    assert rules["mlp"] == rules["heads"] == rules["vocab"] == "model"
+    assert rules["mlp"] == rules["heads"] == rules["joined_kv"] == rules["vocab"] == "model"
     for axis in ("kv", "length", "relpos_buckets", "layers"):
         assert rules[axis] is None
 
@@ -227,14 +227,18 @@ def test_vocab_and_mlp_params_are_split_over_model(report):
     for key, axes in logical.items():
         entry = params[key]
         for dim, axis in enumerate(axes):
-            if axis in ("vocab", "mlp"):
+            if axis in ("vocab", "mlp", "joined_kv"):
                 assert entry["spec"][dim] == "model", (key, entry)
                 assert entry["local"][dim] * 8 == entry["global"][dim], (key, entry)
                 checked += 1
-    assert checked >= 2 * 3 * 2 + 2  # wi_0, wi_1, wo per layer; embedding; logits
-    # 2 heads cannot be split 8 ways: replicated rather than refused.
+    # wi_0, wi_1, wo per layer; q, k, v, o per attention (3 per decoder layer); embedding;
+    # logits.
+    assert checked >= 2 * 3 * 2 + (2 + 2 * 2) * 4 + 2
     query = params["['encoder']['layers_0']['attention']['query']['kernel']"]
-    assert query["local"] == query["global"]
+    assert query["spec"] == ["fsdp", "model"] and query["local"] == [16, 2], query
+    # The relative-position table's 2 heads cannot be split 8 ways: replicated, not refused.
+    relpos = params["['encoder']['relpos_bias']['rel_embedding']"]
+    assert relpos["local"] == relpos["global"] == [32, 2], relpos
 
 
 def test_scanned_layer_axis_is_not_split(report):

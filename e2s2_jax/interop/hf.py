@@ -120,18 +120,19 @@ def config_to_hf(config: T5Config) -> dict:
 
 # ----------------------------------------------------------------------------- name mapping
 
-# Kinds of tensor layout change between HF (torch Linear: [out, in]) and this model.
-_QKV, _OUT, _DENSE, _COPY = "qkv", "attention_out", "dense", "copy"
+# Kinds of tensor layout change between HF (torch Linear: [out, in]) and this model ([in, out],
+# attention kernels included: `[embed, heads * kv]` and `[heads * kv, embed]` as in HF).
+_DENSE, _COPY = "dense", "copy"
 
 
 def _attention(hf_prefix: str, our_prefix: tuple[str, ...]) -> Iterator[tuple]:
-    for hf_name, ours, kind in (
-        ("q", "query", _QKV),
-        ("k", "key", _QKV),
-        ("v", "value", _QKV),
-        ("o", "out", _OUT),
+    for hf_name, ours in (
+        ("q", "query"),
+        ("k", "key"),
+        ("v", "value"),
+        ("o", "out"),
     ):
-        yield f"{hf_prefix}.{hf_name}.weight", (*our_prefix, ours, "kernel"), kind
+        yield f"{hf_prefix}.{hf_name}.weight", (*our_prefix, ours, "kernel"), _DENSE
 
 
 def _mlp(config: T5Config, hf_prefix: str, our_prefix: tuple[str, ...]) -> Iterator[tuple]:
@@ -198,30 +199,16 @@ def tensor_mapping(config: T5Config) -> list[tuple[str, tuple[str, ...], str]]:
     return mapping
 
 
-def _hf_shape(config: T5Config, our_shape: tuple[int, ...], kind: str) -> tuple[int, ...]:
-    if kind == _QKV:
-        return (our_shape[1] * our_shape[2], our_shape[0])
-    if kind == _OUT:
-        return (our_shape[2], our_shape[0] * our_shape[1])
-    if kind == _DENSE:
-        return (our_shape[1], our_shape[0])
-    return our_shape
+def _hf_shape(our_shape: tuple[int, ...], kind: str) -> tuple[int, ...]:
+    return our_shape[::-1] if kind == _DENSE else our_shape
 
 
-def _to_ours(tensor: np.ndarray, our_shape: tuple[int, ...], kind: str) -> np.ndarray:
-    if kind in (_QKV, _OUT, _DENSE):
-        return np.ascontiguousarray(tensor.T).reshape(our_shape)
-    return tensor
+def _to_ours(tensor: np.ndarray, kind: str) -> np.ndarray:
+    return np.ascontiguousarray(tensor.T) if kind == _DENSE else tensor
 
 
 def _to_hf(array: np.ndarray, kind: str) -> np.ndarray:
-    if kind == _QKV:
-        return np.ascontiguousarray(array.reshape(array.shape[0], -1).T)
-    if kind == _OUT:
-        return np.ascontiguousarray(array.reshape(-1, array.shape[-1]).T)
-    if kind == _DENSE:
-        return np.ascontiguousarray(array.T)
-    return np.ascontiguousarray(array)
+    return np.ascontiguousarray(array.T if kind == _DENSE else array)
 
 
 def _param_shapes(config: T5Config) -> dict:
@@ -333,7 +320,7 @@ def import_hf(
     used = set()
     for hf_name, path, kind in tensor_mapping(config):
         our_shape = tuple(_get(shapes, path).shape)
-        expected = _hf_shape(config, our_shape, kind)
+        expected = _hf_shape(our_shape, kind)
         if hf_name not in tensors:
             raise HFCheckpointError(
                 f"{hf_dir}: tensor {hf_name!r} (shape {expected}) is missing from the weights."
@@ -345,7 +332,7 @@ def import_hf(
                 f"{tuple(tensor.shape)}, but config.json implies {expected}; the config and the "
                 "weights disagree."
             )
-        _set(params, path, _to_ours(tensor, our_shape, kind))
+        _set(params, path, _to_ours(tensor, kind))
         used.add(hf_name)
     unused = sorted(set(tensors) - used - _REDUNDANT_TENSORS - {"lm_head.weight"})
     if unused:

@@ -220,32 +220,29 @@ def dense_rows(x: Array, kernel: Array) -> Array:
     return jnp.dot(rows, kernel).reshape(*x.shape[:-1], kernel.shape[-1])
 
 
-def project_to_heads(x: Array, kernel: Array) -> Array:
-    """`einsum("bld,dhk->bhlk", x, kernel)` as one 2-D matmul over the flattened `[d, h * k]`
-    kernel, then the reshape and transpose. (Written as the einsum, XLA:CPU lays the decoding
-    step's dot out transposed and copies every kernel, transposed, at every step.)"""
+def project_to_heads(x: Array, kernel: Array, *, heads: int) -> Array:
+    """`[batch, length, d] @ [d, heads * kv]` as one 2-D matmul, then split into
+    `[batch, heads, length, kv]`."""
     batch, length, _ = x.shape
-    d_model, heads, kv = kernel.shape
-    flat = dense_rows(x, kernel.reshape(d_model, heads * kv))
-    return flat.reshape(batch, length, heads, kv).transpose(0, 2, 1, 3)
+    flat = dense_rows(x, kernel)
+    return flat.reshape(batch, length, heads, -1).transpose(0, 2, 1, 3)
 
 
 def project_from_heads(x: Array, kernel: Array) -> Array:
-    """`einsum("bhlk,hkd->bld", x, kernel)` as one 2-D matmul over the `[h * k, d]` kernel."""
+    """`[batch, heads, length, kv]` joined back to `[batch, length, heads * kv]`, then one 2-D
+    matmul with the `[heads * kv, d]` kernel."""
     batch, heads, length, kv = x.shape
     flat = x.transpose(0, 2, 1, 3).reshape(batch, length, heads * kv)
-    return dense_rows(flat, kernel.reshape(heads * kv, kernel.shape[-1]))
+    return dense_rows(flat, kernel)
 
 
 class Projection(nn.Module):
-    """A bias-free `einsum(equation, x, kernel)` (or `equation(x, kernel)` when it is a
-    function) whose float32 kernel is created at its full shape with logical axes.
-    (`nn.DenseGeneral` initialises a flattened kernel, which cannot carry three logical axes
-    under a mesh.)"""
+    """A bias-free projection `equation(x, kernel)` (`dense_rows`, `project_to_heads`, ...) of
+    a float32 kernel created with its logical axes."""
 
     shape: tuple[int, ...]
     axes: tuple[str, ...]
-    equation: str | Callable[[Array, Array], Array]
+    equation: Callable[[Array, Array], Array]
     stddev: float
     dtype: Any = jnp.float32
     # Overrides the normal(stddev) init (SurfaceFusion's zero-initialised W2).
@@ -257,10 +254,7 @@ class Projection(nn.Module):
         kernel = self.param(
             "kernel", nn.with_logical_partitioning(init, self.axes), self.shape, jnp.float32
         )
-        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-        if callable(self.equation):
-            return self.equation(x, kernel)
-        return jnp.einsum(self.equation, x, kernel)
+        return self.equation(x.astype(self.dtype), kernel.astype(self.dtype))
 
 
 # The "cache" variables cross-attention projects once per decode (keys, values).
@@ -272,8 +266,12 @@ class MultiHeadAttention(nn.Module):
 
     Queries, keys and values are projected straight to `[batch, heads, length, kv]`, so that
     scores and context are canonical batched matmuls (batch and heads leading); the output
-    projection contracts heads and kv back to `[batch, length, embed]`. The kernels keep their
-    `[embed, heads, kv]` / `[heads, kv, embed]` layout.
+    projection contracts heads and kv back to `[batch, length, embed]`. The kernels are stored
+    2-D, `[embed, joined_kv]` / `[joined_kv, embed]` with `joined_kv = heads * kv` (the layout
+    of Mesh TensorFlow's T5 and of Hugging Face's), so Adafactor factors their second moments
+    over embed and joined_kv as t5x's factor rules do. (Stored `[embed, heads, kv]`, optax's
+    Adafactor factors the two largest dimensions only when both are at least 128: kv is 64, so
+    it kept a full second moment for every attention kernel.)
 
     With `decode=True` keys and values are cached in the same layout: self-attention writes the
     current step at `decode_position` into a `[batch, heads, cache_length, kv]` cache;
@@ -294,11 +292,14 @@ class MultiHeadAttention(nn.Module):
         self, inputs_q: Array, inputs_kv: Array, bias: Array, decode_position: Array | None = None
     ) -> Array:
         cfg = self.config
-        qkv_shape = (cfg.d_model, cfg.num_heads, cfg.d_kv)
+        joined_kv = cfg.num_heads * cfg.d_kv
         dense = functools.partial(
-            Projection, shape=qkv_shape, equation=project_to_heads, dtype=cfg.activation_dtype
+            Projection,
+            shape=(cfg.d_model, joined_kv),
+            equation=functools.partial(project_to_heads, heads=cfg.num_heads),
+            dtype=cfg.activation_dtype,
         )
-        qkv_axes = ("embed", "heads", "kv")
+        qkv_axes = ("embed", "joined_kv")
         query = dense(axes=qkv_axes, stddev=(cfg.d_model * cfg.d_kv) ** -0.5, name="query")(
             inputs_q
         )
@@ -328,8 +329,8 @@ class MultiHeadAttention(nn.Module):
         if groups > 1:
             context = ungroup_rows(context, groups)
         out = Projection(
-            shape=(cfg.num_heads, cfg.d_kv, cfg.d_model),
-            axes=("heads", "kv", "embed"),
+            shape=(joined_kv, cfg.d_model),
+            axes=("joined_kv", "embed"),
             equation=project_from_heads,
             stddev=(cfg.num_heads * cfg.d_kv) ** -0.5,
             dtype=cfg.activation_dtype,

@@ -13,6 +13,7 @@ always takes the newest complete one.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -171,6 +172,26 @@ def _absolute(path: str | epath.Path) -> epath.Path:
     return epath.Path(text if "://" in text else os.path.abspath(text))
 
 
+_OLD_ATTENTION_LAYOUT_HINT = (
+    " The attention kernels here are 3-D: checkpoints written before 2026-12-02 stored them "
+    "[embed, heads, kv] / [heads, kv, embed]; this model stores them 2-D, [embed, heads * kv] / "
+    "[heads * kv, embed] (so that Adafactor factors them). Reshape those arrays (the same "
+    "values in row-major order) and save the params again, or export the old checkpoint to "
+    "Hugging Face with the code of that date and import it here."
+)
+
+
+def _is_old_attention_layout(stored: tuple[int, ...], wanted: tuple[int, ...]) -> bool:
+    """Whether `stored` is a pre-2026-12-02 3-D attention kernel of the 2-D `wanted` (a leading
+    scanned-layer axis allowed)."""
+    stored, wanted = tuple(stored), tuple(wanted)
+    if len(stored) != len(wanted) + 1 or math.prod(stored) != math.prod(wanted):
+        return False
+    return stored[:-2] + (stored[-2] * stored[-1],) == wanted or (
+        stored[:-3] + (stored[-3] * stored[-2], stored[-1]) == wanted
+    )
+
+
 def load_params_into(
     path: str | epath.Path, init_params: PyTree, param_shardings: PyTree
 ) -> tuple[PyTree, list[str], list[str]]:
@@ -203,9 +224,15 @@ def load_params_into(
         if name in stored_flat and tuple(stored_flat[name].shape) != tuple(value.shape)
     ]
     if mismatched:
+        old_layout = any(
+            _is_old_attention_layout(stored_flat[name].shape, value.shape)
+            for name, value in init_flat.items()
+            if name in stored_flat
+        )
         raise CheckpointError(
             f"Parameters in {directory} do not fit the model's shapes: {mismatched[:5]}. Use a "
             "model Gin file with the checkpoint's sizes (its t5_config.json or operative config)."
+            + (_OLD_ATTENTION_LAYOUT_HINT if old_layout else "")
         )
     wanted = {
         name: jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=shardings_flat[name])

@@ -87,7 +87,10 @@ def adafactor(
     """Adafactor with t5x's T5 1.1 defaults (epsilon1 1e-30, epsilon2 / min scale 1e-3).
 
     Second moments of matrices with both dimensions at least `min_dim_size_to_factor` are
-    factored into row and column statistics; there is no first moment.
+    factored into row and column statistics (of a parameter's two largest dimensions; a
+    scanned layer axis is the smaller third); there is no first moment. T5's attention kernels
+    are stored `[embed, heads * kv]`, so they are factored over embed and the joined heads, as
+    t5x's logical factor rules do.
     """
     return optax.adafactor(
         learning_rate=learning_rate,

@@ -34,6 +34,9 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     # slice of the wide matmuls and the logits' softmax is reduced across devices.
     ("mlp", "model"),
     ("heads", "model"),
+    # The attention kernels' heads x kv columns ([embed, joined_kv]), split like the heads
+    # when the model size divides the head count.
+    ("joined_kv", "model"),
     ("vocab", "model"),
     # Head size is small (64) and contracted inside attention: splitting it would only add
     # communication, heads already carry the model split.
