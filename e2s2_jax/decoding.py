@@ -93,6 +93,23 @@ def _nucleus(logits: Array, top_p: float) -> Array:
     return keys > lo
 
 
+def _sample(rng: Array, logits: Array) -> Array:
+    """One token per row drawn from `softmax(logits)` by inverting its CDF with one uniform
+    number per row: the first token whose cumulative mass exceeds `u` times the total.
+
+    The threshold is kept strictly below the total (`u < 1`, but `u * total` could round up to
+    it), so some token exceeds it, and the first that does has mass (its cumulative sum grew):
+    tokens filtered to NEG_INF are never drawn. (`jax.random.categorical`, Gumbel-max, draws a
+    random number for every vocabulary entry: 3.9 ms at 32 x 8192 on 2 CPU cores, against
+    0.9 ms for this.)"""
+    probs = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+    cdf = jnp.cumsum(probs, axis=-1)
+    u = jax.random.uniform(rng, (*logits.shape[:-1], 1), cdf.dtype)
+    total = cdf[..., -1:]
+    threshold = jnp.minimum(u * total, jnp.nextafter(total, 0))
+    return jnp.sum(cdf <= threshold, axis=-1)
+
+
 def sample_or_greedy(
     tokens_to_logits: TokensToLogits,
     cache: Cache,
@@ -126,7 +143,7 @@ def sample_or_greedy(
         else:
             rng, step_rng = jax.random.split(rng)
             filtered = _filter_logits(logits.astype(jnp.float32), temperature, top_k, top_p)
-            next_tokens = jax.random.categorical(step_rng, filtered, axis=-1)
+            next_tokens = _sample(step_rng, filtered)
         next_tokens = jnp.where(done, pad_id, next_tokens).astype(jnp.int32)
         chosen = jnp.take_along_axis(log_probs, next_tokens[:, None], axis=-1)[:, 0]
         tokens = tokens.at[:, step].set(next_tokens)

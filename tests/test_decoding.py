@@ -207,3 +207,40 @@ def test_beam_cache_keeps_cross_attention_once_per_row():
     out = decoding._repeat_cache_rows(cache, repeated_shapes, 3)
     assert out["layers_0"]["encoder_decoder_attention"]["cross_key"].shape == (2, 4, 11, 8)
     assert out["layers_0"]["self_attention"]["cached_key"].shape == (6, 4, 8, 8)
+
+
+def test_inverse_cdf_sampler_follows_the_probabilities_and_skips_masked_tokens():
+    """`_sample` against the closed-form softmax: 200k draws over 50 tokens, 10 of them
+    masked to NEG_INF (never drawn), each frequency within 5 binomial standard deviations."""
+    from e2s2_jax.decoding import NEG_INF, _sample
+
+    rng = np.random.RandomState(2)
+    logits = (rng.randn(50) * 2).astype(np.float32)
+    masked = rng.choice(50, 10, replace=False)
+    logits[masked] = NEG_INF
+    draws = 200_000
+    tokens = jax.jit(_sample)(jax.random.PRNGKey(5), jnp.broadcast_to(logits, (draws, 50)))
+    counts = np.bincount(np.asarray(tokens), minlength=50)
+    assert counts.shape == (50,) and counts[masked].sum() == 0
+    probs = np.exp(logits.astype(np.float64) - logits.max())
+    probs[masked] = 0
+    probs /= probs.sum()
+    sigma = np.sqrt(draws * probs * (1 - probs))
+    assert np.all(np.abs(counts - draws * probs) <= 5 * sigma + 1), counts - draws * probs
+
+
+@pytest.mark.parametrize("u,expected", [(0.0, 1), (1.0, 3)])
+def test_inverse_cdf_sampler_edges_draw_the_first_and_last_token_with_mass(
+    monkeypatch, u, expected
+):
+    """At u = 0 the first token with mass; at u = 1 (beyond `uniform`'s range, where
+    `u * total` equals the total) still the last token with mass, never a masked one or an
+    id past the vocabulary."""
+    from e2s2_jax import decoding
+
+    monkeypatch.setattr(
+        decoding.jax.random, "uniform", lambda rng, shape, dtype: jnp.full(shape, u, dtype)
+    )
+    logits = jnp.asarray([[decoding.NEG_INF, 0.5, -1.0, 2.0, decoding.NEG_INF]] * 2)
+    tokens = decoding._sample(jax.random.PRNGKey(0), logits)
+    np.testing.assert_array_equal(np.asarray(tokens), [expected, expected])
