@@ -124,6 +124,13 @@ def parse_gin(mode: str, gin_files: Sequence[str], bindings: Sequence[str], sear
     logging.getLogger().addFilter(quiet)
     try:
         gin.parse_config_files_and_bindings(files, bindings, finalize_config=False)
+    except ModuleNotFoundError as error:
+        # A Gin `import` line (how a team's own task module is loaded) naming a module that
+        # is not on the path; gin appends the file and line to the message.
+        raise ConfigError(
+            f"A Gin file imports a module Python cannot find: {error}\nPut the directory that "
+            "holds it on PYTHONPATH (or install its package), or fix the `import` line."
+        ) from error
     except (OSError, ValueError, KeyError, SyntaxError) as error:
         raise ConfigError(
             f"Gin configuration error in {files} / bindings {list(bindings)}:\n{error}\n"

@@ -376,3 +376,46 @@ def test_export_reads_a_train_run(trained_run, tmp_path):
     hf.export_hf(config, params, str(tmp_path / "hf"))
     tensors = safetensors.numpy.load_file(str(tmp_path / "hf" / "model.safetensors"))
     np.testing.assert_array_equal(tensors["shared.weight"], params["token_embedder"]["embedding"])
+
+
+def test_a_gin_import_line_registers_a_teams_own_tasks(tmp_path, monkeypatch):
+    """README's way to train on your own task: a module that registers it, imported by a Gin
+    file's `import` line; a module not on the path is a ConfigError naming the file and the
+    fix, not a traceback."""
+    import gin
+    import seqio
+
+    from e2s2_jax import main as entry
+    from e2s2_jax.errors import ConfigError
+
+    (tmp_path / "other_team_tasks.py").write_text(
+        "from e2s2_jax.data.corpus import BUNDLED_TRAIN_FILES, BUNDLED_VALIDATION_FILES\n"
+        "from e2s2_jax.data.vocab import get_vocabulary\n"
+        "from tasks import register_text_task\n"
+        "register_text_task('other_team_e2s2', {'train': BUNDLED_TRAIN_FILES, "
+        "'validation': BUNDLED_VALIDATION_FILES}, 'e2s2', get_vocabulary())\n"
+    )
+    (tmp_path / "other_team.gin").write_text(
+        "import other_team_tasks\nMIXTURE_OR_TASK_NAME = 'other_team_e2s2'\n"
+    )
+    (tmp_path / "missing.gin").write_text("import no_such_team_tasks\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    files = ["gin/models/t5_1_1_tiny.gin", "gin/runs/pretrain.gin", "gin/runs/smoke.gin"]
+    try:
+        gin.clear_config()
+        entry.parse_gin(
+            "train", [*files, str(tmp_path / "other_team.gin")], ['MODEL_DIR = "/x"'], ""
+        )
+        assert gin.query_parameter("%MIXTURE_OR_TASK_NAME") == "other_team_e2s2"
+        task = seqio.get_mixture_or_task("other_team_e2s2")
+        assert "inputs_noised" in task.output_features
+        gin.clear_config()
+        with pytest.raises(
+            ConfigError, match=r"no_such_team_tasks(.|\n)*missing\.gin(.|\n)*PYTHONPATH"
+        ):
+            entry.parse_gin(
+                "train", [*files, str(tmp_path / "missing.gin")], ['MODEL_DIR = "/x"'], ""
+            )
+    finally:
+        gin.clear_config()
+        seqio.TaskRegistry.remove("other_team_e2s2")

@@ -79,7 +79,7 @@ class T5Config:
                 f"use one of {REMAT_POLICIES}."
             )
         if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"T5Config.dtype={self.dtype!r}: use float32 or bfloat16.")
+            raise ValueError(f"T5Config.dtype={self.dtype!r}: use float32, bfloat16 or float16.")
 
     @property
     def activation_dtype(self) -> jnp.dtype:
