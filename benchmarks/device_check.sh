@@ -31,11 +31,12 @@ python=${PYTHON:-python3}
 
 gin_file=${MODEL_GIN:-gin/models/t5_1_1_base.gin}
 name=$(basename "$gin_file" .gin)
+dtype=${DTYPE:-bfloat16}
 for batch in ${BATCHES:-64 128}; do
-  stem="$out/train_step_${name}_${DTYPE:-bfloat16}_b${batch}"
+  stem="$out/train_step_${name}_${dtype}_b${batch}"
   echo "[device_check] $name batch $batch" >&2
   timeout "${RUN_TIMEOUT:-240}" "$python" benchmarks/train_step.py --model_gin "$gin_file" \
-    --contenders ours --dtype "${DTYPE:-bfloat16}" --batch_size "$batch" \
+    --contenders ours --dtype "$dtype" --batch_size "$batch" \
     --steps "${STEPS:-5}" --rounds "${ROUNDS:-3}" >"$stem.json" 2>"$stem.log"
   rc=$?
   echo "[device_check] $name batch $batch: exit $rc" | tee -a "$out/environment.txt" >&2

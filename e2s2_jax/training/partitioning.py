@@ -34,8 +34,8 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     # slice of the wide matmuls and the logits' softmax is reduced across devices.
     ("mlp", "model"),
     ("heads", "model"),
-    # The attention kernels' heads x kv columns ([embed, joined_kv]), split like the heads
-    # when the model size divides the head count.
+    # The attention kernels' heads x kv columns ([embed, joined_kv]): split whenever the model
+    # size divides heads * kv (inside a head when it does not divide the head count).
     ("joined_kv", "model"),
     ("vocab", "model"),
     # Head size is small (64) and contracted inside attention: splitting it would only add
