@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gzip
 import json
 import math
 import os
@@ -165,8 +164,12 @@ def log(message: str) -> None:
 
 
 def run_main(argv: list[str]):
-    """Runs `python -m e2s2_jax.main ARGV` in this process (the study's tasks are registered
-    here); returns the mode's result (train: last metrics, eval: metrics)."""
+    """Runs `python -m e2s2_jax.main ARGV` in this process, with the study's tasks (the Gin file
+    that imports `tasks.study` goes first, so the printed command replays from a shell); returns
+    the mode's result (train: last metrics, eval: metrics)."""
+    from tasks.study import STUDY_GIN_FILE
+
+    argv = [argv[0], f"--gin_file={STUDY_GIN_FILE}", *argv[1:]]
     print("$ python -m e2s2_jax.main " + shlex.join(argv), flush=True)
     gin.clear_config()
     args, bindings = entry.parse_flags(argv)
@@ -184,45 +187,6 @@ def _lengths(lengths: tuple[int, int]) -> str:
 
 def _finished(model_dir: Path, steps: int) -> bool:
     return (model_dir / "checkpoints" / str(steps)).is_dir()
-
-
-# ----------------------------------------------------------------------------- data
-
-
-def study_vocabulary(out_dir: Path):
-    """The study's vocabulary: demo-sized SentencePiece on the pretraining corpus plus every
-    downstream train split (both sides). Returns (seqio vocabulary, .model path)."""
-    from e2s2_jax.data.corpus import BUNDLED_TRAIN_FILES, DEMO_VOCAB_SIZE
-    from e2s2_jax.data.vocab import get_vocabulary, train_sentencepiece
-    from tasks.downstream import DOWNSTREAM_SPECS, dataset_files, read_tsv_examples
-
-    text_path = out_dir / "vocab_text" / "downstream_train.txt.gz"
-    text_path.parent.mkdir(parents=True, exist_ok=True)
-    lines = []
-    for dataset in DOWNSTREAM_SPECS:
-        for inputs, targets in read_tsv_examples(dataset_files(dataset)["train"]):
-            lines += [inputs, targets]
-    content = gzip.compress(("\n".join(lines) + "\n").encode(), mtime=0)
-    if not text_path.exists() or text_path.read_bytes() != content:
-        text_path.write_bytes(content)
-    spm_path = train_sentencepiece([*BUNDLED_TRAIN_FILES, str(text_path)], DEMO_VOCAB_SIZE)
-    return get_vocabulary(spm_path), spm_path
-
-
-def register_study_tasks(vocabulary) -> dict[str, str]:
-    """Registers the pretraining tasks (study_<objective kind>) and the downstream tasks with
-    the study vocabulary; returns {objective kind: pretraining task name}."""
-    from e2s2_jax.data.corpus import BUNDLED_TRAIN_FILES, BUNDLED_VALIDATION_FILES
-    from tasks.downstream import register_downstream_tasks
-    from tasks.registration import register_text_task
-
-    splits = {"train": BUNDLED_TRAIN_FILES, "validation": BUNDLED_VALIDATION_FILES}
-    names = {}
-    for kind in ("span_corruption", "e2s2"):
-        names[kind] = f"study_{kind}"
-        register_text_task(names[kind], splits, kind, vocabulary)
-    register_downstream_tasks(vocabulary)
-    return names
 
 
 # ----------------------------------------------------------------------------- stages
@@ -246,8 +210,13 @@ class Study:
         # A fine-tuning variant runs when the objective it starts from is in the study.
         self.variants = [v for v, (o, _) in VARIANTS.items() if o in self.objectives]
         self.started = time.time()
-        self.vocabulary, self.spm_path = study_vocabulary(out_dir)
-        self.pretrain_tasks = register_study_tasks(self.vocabulary)
+        import tasks.study  # registers the study's tasks with its vocabulary
+
+        self.vocabulary, self.spm_path = (
+            tasks.study.STUDY_VOCABULARY,
+            tasks.study.STUDY_VOCABULARY_PATH,
+        )
+        self.pretrain_tasks = tasks.study.STUDY_PRETRAIN_TASKS
         self.stage_seconds: dict[str, float] = {}
 
     def _pretrain_argv(self, model_dir: Path, task: str, steps: int, seed: int, extra=()):

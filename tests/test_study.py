@@ -5,7 +5,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shlex
 import statistics
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -129,10 +134,11 @@ def test_bad_arguments_are_refused(capsys):
     assert "mlm" in capsys.readouterr().err
 
 
-def test_smoke_study_runs_end_to_end_and_resumes(tmp_path):
+def test_smoke_study_runs_end_to_end_and_resumes(tmp_path, capsys):
     """Every stage at a few steps: pretraining (plain and E2S2), fine-tuning with and without
-    SurfaceFusion, test metrics, table and plots. (SSR needs a generator trained long enough to
-    emit sentinels; its stages run in the --quick study.)"""
+    SurfaceFusion, test metrics, table and plots; a printed command replays from a shell. (SSR
+    needs a generator trained long enough to emit sentinels; its stages run in the --quick
+    study.)"""
     argv = [
         "--size=smoke",
         f"--out={tmp_path}",
@@ -157,6 +163,29 @@ def test_smoke_study_runs_end_to_end_and_resumes(tmp_path):
         assert len(results["pretraining_curves"][objective]["0"]) >= 2
     for name in ("results.md", "pretraining_curves.png", "tasks.png"):
         assert (tmp_path / name).stat().st_size > 0
+    # A printed command replays in a fresh process (the study's tasks come from the Gin file it
+    # names, not from this process) and gives the same test metrics.
+    commands = [line for line in capsys.readouterr().out.splitlines() if line.startswith("$ ")]
+    assert len(commands) == 2 + 3 * 2 * 2  # pretrain x 2; (train, eval) x 3 variants x 2 tasks
+    eval_argv = shlex.split(next(c for c in commands if "e2s2_jax.main eval " in c))[4:]
+    assert eval_argv[1] == "--gin_file=gin/tasks/study.gin"
+    model_dir = next(a for a in eval_argv if a.startswith("--gin.MODEL_DIR="))[17:-1]
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": repo + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    replay = subprocess.run(
+        [sys.executable, "-m", "e2s2_jax.main", *eval_argv],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert replay.returncode == 0, replay.stderr[-3000:]
+    in_process, replayed = [
+        json.loads(line)
+        for line in (Path(model_dir) / "eval_metrics.jsonl").read_text().splitlines()
+    ]
+    assert replayed == in_process
     # A rerun finds every run finished and reproduces the results from the saved metrics.
     assert study.main(argv) == 0
     again = json.loads((tmp_path / "results.json").read_text())
