@@ -12,7 +12,9 @@ from e2s2_jax.models.t5 import T5
 def cached_decoder_steps(model, params, encoder_tokens, decoder_tokens):
     """Per-step outputs of cached, teacher-forced decoding: `[batch, length, vocab]`."""
     length = decoder_tokens.shape[1]
-    encoder_outputs = model.apply({"params": params}, encoder_tokens, method=T5.encode)
+    encoder_outputs = jax.jit(
+        lambda tokens: model.apply({"params": params}, tokens, method=T5.encode)
+    )(encoder_tokens)
 
     @jax.jit
     def step(cache, step_tokens, position):

@@ -42,7 +42,7 @@ def test_cached_step_logits_equal_full_decoder_logits(scan):
     length = 16  # Longer than max_distance, so far-away buckets are used.
     decoder_tokens = jnp.asarray(np.random.RandomState(1).randint(2, 50, (3, length)), jnp.int32)
     decoder_tokens = decoder_tokens.at[:, 0].set(0)
-    full = model.apply({"params": params}, encoder_tokens, decoder_tokens)
+    full = jax.jit(model.apply)({"params": params}, encoder_tokens, decoder_tokens)
 
     steps, _ = cached_decoder_steps(model, params, encoder_tokens, decoder_tokens)
     for position in range(length):
@@ -57,18 +57,17 @@ def test_cached_greedy_equals_uncached_greedy(scan):
     result = make_predict_fn(model, DecodeConfig("greedy", max_decode_length=length))(
         params, encoder_tokens
     )
-    decoder = jnp.zeros((3, 1), jnp.int32)
-    apply = jax.jit(model.apply)
-    reference, log_probs = [], []
-    for _ in range(length):
-        logits = apply({"params": params}, encoder_tokens, decoder)[:, -1]
-        next_token = jnp.argmax(logits, -1)
-        reference.append(next_token)
-        log_probs.append(
-            jnp.take_along_axis(jax.nn.log_softmax(logits), next_token[:, None], -1)[:, 0]
-        )
-        decoder = jnp.concatenate([decoder, next_token[:, None]], 1)
-    reference, log_probs = np.stack(reference, 1), np.stack(log_probs, 1)
+    # The uncached reference: the full decoder over one (length + 1)-token buffer (one
+    # compile); its position i sees positions <= i only, so the zeros ahead do not change it.
+    decoder = np.zeros((3, length + 1), np.int32)
+    full_decoder = jax.jit(lambda decoder: model.apply({"params": params}, encoder_tokens, decoder))
+    log_probs = []
+    for i in range(length):
+        logits = np.asarray(full_decoder(decoder)[:, i], np.float64)
+        decoder[:, i + 1] = np.argmax(logits, -1)
+        log_z = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+        log_probs.append(logits[np.arange(3), decoder[:, i + 1]] - log_z)
+    reference, log_probs = decoder[:, 1:], np.stack(log_probs, 1)
     ended = np.cumsum(np.cumsum(reference == 1, 1), 1) > 1  # After the first eos.
     np.testing.assert_array_equal(result.tokens, np.where(ended, 0, reference))
     np.testing.assert_allclose(result.scores, np.where(ended, 0, log_probs).sum(1), rtol=1e-5)

@@ -195,7 +195,7 @@ def test_source_path_gradients_reach_only_the_embeddings_through_the_values():
         source_logits = state["intermediates"]["output_layer"]["source_logits"][0]
         return -jnp.mean(jax.nn.log_softmax(source_logits)[..., 3])
 
-    grads = jax.grad(source_loss)(params)
+    grads = jax.jit(jax.grad(source_loss))(params)
     for stack in ("encoder", "decoder"):
         for path, grad in traverse_util.flatten_dict(grads[stack]).items():
             assert np.all(np.asarray(grad) == 0), (stack, path)
@@ -209,7 +209,7 @@ def test_source_path_gradients_reach_only_the_embeddings_through_the_values():
         fused = model.apply({"params": params}, encoder_tokens, decoder_tokens)
         return -jnp.mean(fused[..., 3])
 
-    fused_grads = jax.grad(fused_loss)(params)
+    fused_grads = jax.jit(jax.grad(fused_loss))(params)
     assert np.any(np.asarray(fused_grads["decoder"]["final_norm"]["scale"]) != 0)
 
 
@@ -273,7 +273,7 @@ def test_cached_decoding_equals_the_full_decoder(variant, scan):
         params = randomize(params, ("output_layer", "residual_ffn", "wo", "kernel"), seed=1)
     else:  # Non-uniform layer weights, so that the layer choice matters.
         params = randomize_layer_scores(params, scale=1.0)
-    full = model.apply({"params": params}, encoder_tokens, decoder_tokens)
+    full = jax.jit(model.apply)({"params": params}, encoder_tokens, decoder_tokens)
     cached, cache = cached_decoder_steps(model, params, encoder_tokens, decoder_tokens)
     np.testing.assert_allclose(cached, full, rtol=1e-5, atol=1e-5)
     if variant.startswith("fusion:"):  # The source keys/values are cached once.
@@ -300,12 +300,14 @@ def test_beam_search_and_greedy_run_with_fusion(mode):
     assert np.all(np.isfinite(np.asarray(beam.scores)))
     assert np.all(np.asarray(beam.scores[:, 0]) >= np.asarray(greedy.scores) - 1e-5)
 
-    # Greedy picks the argmax of the fused distribution, step by step (uncached reference).
-    decoder = jnp.zeros((3, 1), jnp.int32)
-    for _ in range(8):
-        fused = model.apply({"params": params}, encoder_tokens, decoder)[:, -1]
-        decoder = jnp.concatenate([decoder, jnp.argmax(fused, -1)[:, None]], 1)
-    reference = np.asarray(decoder[:, 1:])
+    # Greedy picks the argmax of the fused distribution, step by step. The reference is the
+    # uncached full decoder over one 9-token buffer (one compile): its position i sees
+    # positions <= i only, so the zeros not yet filled in do not change it.
+    full_decoder = jax.jit(lambda decoder: model.apply({"params": params}, encoder_tokens, decoder))
+    decoder = np.zeros((3, 9), np.int32)
+    for i in range(8):
+        decoder[:, i + 1] = np.argmax(full_decoder(decoder)[:, i], -1)
+    reference = decoder[:, 1:]
     ended = np.cumsum(np.cumsum(reference == 1, 1), 1) > 1
     np.testing.assert_array_equal(greedy.tokens, np.where(ended, 0, reference))
 
