@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from e2s2_jax.models.t5 import EncoderOutputs, T5Config
+from e2s2_jax.models.t5 import EncoderOutputs, T5Config, dense_rows
 
 Array = jax.Array
 
@@ -49,7 +49,7 @@ class DenoisingHead(nn.Module):
         )
         hidden = nn.Dropout(self.dropout_rate)(encoder_outputs.encoded, deterministic=deterministic)
         dtype = cfg.activation_dtype
-        logits = jnp.einsum("bld,dc->blc", hidden.astype(dtype), kernel.astype(dtype))
+        logits = dense_rows(hidden.astype(dtype), kernel.astype(dtype))
         return logits.astype(jnp.float32) + bias
 
 
