@@ -39,6 +39,24 @@ def cached_decoder_steps(model, params, encoder_tokens, decoder_tokens):
     return jnp.stack(outputs, 1), cache
 
 
+def uncached_greedy(model, params, encoder_tokens, length):
+    """Greedy decoding without a cache, the reference for the cached decoders: the tokens
+    `[batch, length]` and each chosen token's log-probability (float64). Each step is one jitted
+    full-decoder pass over a `length + 1`-token buffer (one compile): its position i sees
+    positions <= i only, so the zeros not yet filled in do not change it."""
+    batch = encoder_tokens.shape[0]
+    full_decoder = jax.jit(lambda decoder: model.apply({"params": params}, encoder_tokens, decoder))
+    decoder = np.zeros((batch, length + 1), np.int32)
+    log_probs = np.zeros((batch, length))
+    for i in range(length):
+        logits = np.asarray(full_decoder(decoder)[:, i], np.float64)
+        decoder[:, i + 1] = np.argmax(logits, -1)
+        shifted = logits - logits.max(-1, keepdims=True)
+        chosen = shifted[np.arange(batch), decoder[:, i + 1]]
+        log_probs[:, i] = chosen - np.log(np.exp(shifted).sum(-1))
+    return decoder[:, 1:], log_probs
+
+
 def beam_search_shared_and_repeated(model, params, encoder_tokens, monkeypatch):
     """3-beam search results with the source caches kept once per row (`SHARED_BY_BEAMS`) and
     with every cache leaf repeated per beam; asserts that beams and scores agree."""

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from decode_helpers import beam_search_shared_and_repeated, cached_decoder_steps
+from decode_helpers import beam_search_shared_and_repeated, cached_decoder_steps, uncached_greedy
 from flax import linen as nn
 
 from e2s2_jax import decoding
@@ -57,17 +57,7 @@ def test_cached_greedy_equals_uncached_greedy(scan):
     result = make_predict_fn(model, DecodeConfig("greedy", max_decode_length=length))(
         params, encoder_tokens
     )
-    # The uncached reference: the full decoder over one (length + 1)-token buffer (one
-    # compile); its position i sees positions <= i only, so the zeros ahead do not change it.
-    decoder = np.zeros((3, length + 1), np.int32)
-    full_decoder = jax.jit(lambda decoder: model.apply({"params": params}, encoder_tokens, decoder))
-    log_probs = []
-    for i in range(length):
-        logits = np.asarray(full_decoder(decoder)[:, i], np.float64)
-        decoder[:, i + 1] = np.argmax(logits, -1)
-        log_z = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
-        log_probs.append(logits[np.arange(3), decoder[:, i + 1]] - log_z)
-    reference, log_probs = decoder[:, 1:], np.stack(log_probs, 1)
+    reference, log_probs = uncached_greedy(model, params, encoder_tokens, length)
     ended = np.cumsum(np.cumsum(reference == 1, 1), 1) > 1  # After the first eos.
     np.testing.assert_array_equal(result.tokens, np.where(ended, 0, reference))
     np.testing.assert_allclose(result.scores, np.where(ended, 0, log_probs).sum(1), rtol=1e-5)

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from decode_helpers import beam_search_shared_and_repeated, cached_decoder_steps
+from decode_helpers import beam_search_shared_and_repeated, cached_decoder_steps, uncached_greedy
 from flax import linen as nn
 from flax import traverse_util
 
@@ -300,14 +300,8 @@ def test_beam_search_and_greedy_run_with_fusion(mode):
     assert np.all(np.isfinite(np.asarray(beam.scores)))
     assert np.all(np.asarray(beam.scores[:, 0]) >= np.asarray(greedy.scores) - 1e-5)
 
-    # Greedy picks the argmax of the fused distribution, step by step. The reference is the
-    # uncached full decoder over one 9-token buffer (one compile): its position i sees
-    # positions <= i only, so the zeros not yet filled in do not change it.
-    full_decoder = jax.jit(lambda decoder: model.apply({"params": params}, encoder_tokens, decoder))
-    decoder = np.zeros((3, 9), np.int32)
-    for i in range(8):
-        decoder[:, i + 1] = np.argmax(full_decoder(decoder)[:, i], -1)
-    reference = decoder[:, 1:]
+    # Greedy picks the argmax of the fused distribution, step by step (uncached reference).
+    reference, _ = uncached_greedy(model, params, encoder_tokens, 8)
     ended = np.cumsum(np.cumsum(reference == 1, 1), 1) > 1
     np.testing.assert_array_equal(greedy.tokens, np.where(ended, 0, reference))
 
