@@ -655,7 +655,9 @@ def ssr_task_source(
     num_input_examples: Mapping[str, int] | None = None,
 ) -> seqio.TFExampleDataSource:
     """Returns a source over SSR TFRecords of tf.train.Example with string `inputs`, `targets`
-    (sentinel-marked text) and float `fill_score` (the generator's mean fill log-probability).
+    (sentinel-marked text, exact around the spans: a sentinel may be glued to the previous word,
+    so tokenize them with `ssr_preprocessors`) and float `fill_score` (the generator's mean fill
+    log-probability).
     """
     return seqio.TFExampleDataSource(
         split_to_filepattern=dict(split_to_filepattern),
@@ -664,6 +666,29 @@ def ssr_task_source(
     )
 
 
+# A sentinel right after a non-space character, as in the record of a span that starts right
+# after a word (`dog.` with `.` masked gives `dog<extra_id_0> FILL <extra_id_1>`). Only the
+# sentinel's head is matched, so a sentinel right after another one is matched too.
+_GLUED_SENTINEL = r"(\S)(<extra_id_\d)"
+
+
+@seqio.map_over_dataset
+def space_glued_sentinels(features: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    """Returns the SSR record with a space before every sentinel glued to the previous word in
+    `inputs` and `targets`, the rest of the text unchanged. SentencePiece knows sentinel k only
+    as the piece `▁<extra_id_k>`, so `dog<extra_id_0>` would tokenize into ordinary pieces."""
+    spaced = {
+        key: tf.strings.regex_replace(features[key], _GLUED_SENTINEL, r"\1 \2")
+        for key in ("inputs", "targets")
+    }
+    return {**features, **spaced}
+
+
 def ssr_preprocessors() -> list:
-    """Returns the Task preprocessors for SSR records: tokenize, then append eos."""
-    return [seqio.preprocessors.tokenize, seqio.preprocessors.append_eos_after_trim]
+    """Returns the Task preprocessors for SSR records: space glued sentinels (so each becomes
+    its id), tokenize, then append eos."""
+    return [
+        space_glued_sentinels,
+        seqio.preprocessors.tokenize,
+        seqio.preprocessors.append_eos_after_trim,
+    ]

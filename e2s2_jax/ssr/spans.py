@@ -83,7 +83,12 @@ def span_texts(text: str, char_spans: np.ndarray) -> list[str]:
 
 
 def ssr_inputs(text: str, char_spans: np.ndarray, fills: Sequence[str]) -> str:
-    """`text` with span k replaced by `<extra_id_k> FILL_k <extra_id_k+1>`."""
+    """`text` with span k replaced by `<extra_id_k> FILL_k <extra_id_k+1>`.
+
+    The text around the spans is kept exactly, so `<extra_id_k>` is glued to the previous word
+    when a span starts right after it (`dog.` with `.` masked): tokenize records with
+    `preprocessors.ssr_preprocessors`, which spaces such sentinels so that each becomes its id.
+    """
     segments = unmasked_segments(text, char_spans)
     if len(fills) != len(segments) - 1:
         raise ValueError(f"{len(fills)} fills for {len(segments) - 1} spans")
