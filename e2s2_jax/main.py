@@ -21,6 +21,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import time
@@ -39,7 +40,13 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from e2s2_jax.errors import ConfigError  # noqa: E402  (re-exported: entry.ConfigError)
+from e2s2_jax import gin_checks  # noqa: E402
+from e2s2_jax.errors import (  # noqa: E402  (ConfigError re-exported: entry.ConfigError)
+    EXIT_BAD_INPUT,
+    EXIT_PREEMPTED,
+    ConfigError,
+    TrainingStopped,
+)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_SEARCH_PATHS = (os.path.join(REPO_ROOT, "gin"), REPO_ROOT)
@@ -132,6 +139,14 @@ def parse_gin(mode: str, gin_files: Sequence[str], bindings: Sequence[str], sear
             "holds it on PYTHONPATH (or install its package), or fix the `import` line."
         ) from error
     except (OSError, ValueError, KeyError, SyntaxError) as error:
+        imported = _IMPORT_LOCATION.search(str(error))
+        if imported:
+            # A module a Gin `import` line loads (a team's task registrations) raised: its own
+            # message names the cause; Gin's spelling hint would not apply.
+            file, line, module = imported.groups()
+            raise ConfigError(
+                f"{str(error).splitlines()[0]} (raised by `import {module}` in {file}, line {line})"
+            ) from error
         raise ConfigError(
             f"Gin configuration error in {files} / bindings {list(bindings)}:\n{error}\n"
             "Check the spelling of the configurable and parameter names (the names are listed "
@@ -160,6 +175,11 @@ def parse_gin(mode: str, gin_files: Sequence[str], bindings: Sequence[str], sear
             "on the command line, e.g. "
             + " ".join(examples.get(name, f"--gin.{name}=...") for name in missing)
         )
+
+
+# Gin's note on an error raised where a Gin file imports a module: `In file "F", line N` and
+# the `import` statement.
+_IMPORT_LOCATION = re.compile(r'In file "([^"]+)", line (\d+)\n\s+import ([\w.]+)')
 
 
 def _macro_unbound(name: str) -> bool:
@@ -275,8 +295,27 @@ def load_eval_batches(
     )
     return [
         partitioning.make_global_batch(b, mesh, rules)
-        for b in dataset.take(num_batches).as_numpy_iterator()
+        for b in numpy_batches(dataset.take(num_batches))
     ]
+
+
+def numpy_batches(dataset) -> Iterator[dict]:
+    """`dataset`'s elements as numpy; an error raised inside tf.data by the input (a damaged
+    corpus file) becomes a ConfigError with that error's own message, not TensorFlow's dump."""
+    import tensorflow as tf
+
+    iterator = dataset.as_numpy_iterator()
+    while True:
+        try:
+            element = next(iterator)
+        except StopIteration:
+            return
+        except tf.errors.OpError as error:
+            # The Python error raised in the pipeline is the last `SomeError: message` line.
+            raised = re.findall(r"^(\w+Error): (.+)$", error.message, flags=re.MULTILINE)
+            cause = raised[-1][1] if raised else error.message.splitlines()[0]
+            raise ConfigError(f"reading the input data: {cause}") from error
+        yield element
 
 
 def count_tokens(local_batch: Mapping[str, np.ndarray]) -> float:
@@ -419,6 +458,7 @@ def train(
     eval_batches: int = 8,
     eval_split: str = "validation",
     stop_after_steps: int | None = None,
+    skip_nonfinite_steps: int = 0,
 ) -> dict[str, float]:
     """Trains `model` on the task, resuming from MODEL_DIR's newest checkpoint when there is
     one. Returns the last logged train metrics.
@@ -434,8 +474,117 @@ def train(
       eval_every: steps between evaluations of the objective on `eval_split` (0: never).
       stop_after_steps: leave the loop after this many steps of this invocation (for tests
         and time-boxed jobs); the final checkpoint is still written.
+      skip_nonfinite_steps: how many steps in a row may have a non-finite loss or gradient
+        norm (their updates are never applied) before training stops; 0 stops at the first.
+        A stop raises `TrainingStopped` (exit status 3) and writes no checkpoint after the
+        last good step.
     """
+    settings = dict(locals())  # the bindings, handed on to _train
+    start_time = time.time()
+    check_model_dir(model_dir)
+    lock = _lock_model_dir(model_dir)
+    try:
+        return _train(**settings, start_time=start_time)
+    finally:
+        if lock is not None:
+            lock.release()
 
+
+def _lock_model_dir(model_dir: str):
+    """Process 0 takes MODEL_DIR's run lock (`training.run_lock`); None elsewhere."""
+    from e2s2_jax.training.run_lock import RunLock
+
+    if jax.process_index() != 0:
+        return None
+    if model_dir.startswith(("gs://", "s3://")):
+        log(f"MODEL_DIR {model_dir} is an object store: this run takes no lock on it.")
+        return None
+    lock = RunLock(model_dir)
+    took_over = lock.acquire()
+    if took_over:
+        log(f"MODEL_DIR lock: {took_over}")
+    return lock
+
+
+class _NonFiniteGuard:
+    """Reads each step's `nonfinite` flag (one step late, so the host never waits for the step
+    it has just dispatched) and stops training after more than `allowed` such steps in a row."""
+
+    def __init__(self, allowed: int, checkpointer):
+        self.allowed = allowed
+        self.checkpointer = checkpointer
+        self.in_a_row = 0
+        self.pending = None
+
+    def push(self, step: int, metrics) -> None:
+        """Checks the previous step, then holds this one's flag until the next call."""
+        self.flush()
+        self.pending = (step, metrics)
+
+    def flush(self) -> None:
+        """Checks the held step (before a save or an eval, and at the end)."""
+        if self.pending is None:
+            return
+        step, metrics = self.pending
+        self.pending = None
+        if not float(metrics["nonfinite"]):
+            self.in_a_row = 0
+            return
+        self.in_a_row += 1
+        loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
+        if self.in_a_row <= self.allowed:
+            log(
+                f"step {step}: non-finite loss {loss} / grad_norm {grad_norm}; update skipped "
+                f"({self.in_a_row} in a row, train.skip_nonfinite_steps={self.allowed})"
+            )
+            return
+        from e2s2_jax.errors import EXIT_NON_FINITE, TrainingStopped
+
+        newest = self.checkpointer.latest_step()
+        kept = (
+            f"the newest checkpoint, {self.checkpointer.directory}/{newest}, is the last good state"
+            if newest is not None
+            else "no checkpoint had been written"
+        )
+        raise TrainingStopped(
+            f"training stopped at step {step}: loss {loss}, grad_norm {grad_norm} "
+            f"({self.in_a_row} non-finite step(s) in a row; that step's update was not applied "
+            f"and nothing after it was saved); {kept}. Try a lower learning rate, gradient "
+            "clipping (--gin.make_optimizer.gradient_clip_norm=1.0), or "
+            "--gin.train.skip_nonfinite_steps=N to skip up to N bad steps in a row.",
+            EXIT_NON_FINITE,
+        )
+
+
+def _train(
+    *,
+    model_dir,
+    mixture_or_task_name,
+    task_feature_lengths,
+    train_steps,
+    batch_size,
+    model,
+    objective,
+    optimizer,
+    learning_rate_schedule,
+    feature_converter,
+    mesh_shape,
+    num_microbatches,
+    seed,
+    data_seed,
+    initial_checkpoint,
+    checkpoint_every,
+    keep_checkpoints,
+    async_checkpointing,
+    log_every,
+    eval_every,
+    eval_batches,
+    eval_split,
+    stop_after_steps,
+    skip_nonfinite_steps,
+    start_time,
+) -> dict[str, float]:
+    """`train`'s body, with MODEL_DIR locked."""
     from e2s2_jax.interop import params_io
     from e2s2_jax.training import partitioning
     from e2s2_jax.training.checkpoints import TrainCheckpointer, load_params_into
@@ -448,8 +597,6 @@ def train(
     from e2s2_jax.training.train_state import TrainState, abstract_boxed_params, init_train_state
     from e2s2_jax.training.train_step import make_train_step
 
-    start_time = time.time()
-    check_model_dir(model_dir)
     rules = partitioning.LOGICAL_AXIS_RULES
     mesh = partitioning.create_mesh(*mesh_shape)
     data_shards = partitioning.data_parallel_size(mesh, rules)
@@ -521,7 +668,7 @@ def train(
         num_epochs=None,
         skip_batches=data_position["batches"],
     )
-    batches: Iterator = dataset.as_numpy_iterator()
+    batches = numpy_batches(dataset)
     train_step = make_train_step(
         model,
         optimizer,
@@ -549,61 +696,74 @@ def train(
     eval_batches_cache = None
     eval_fns = None
     preemption = _Preemption()
+    nonfinite = _NonFiniteGuard(skip_nonfinite_steps, checkpointer)
     last_metrics: dict[str, float] = {}
     steps_this_run = 0
     throughput.reset(step)
 
     def save(force=False):
+        # Every save reads the step's non-finite flag first: a bad step is never saved.
+        nonfinite.flush()
         checkpointer.save(state, train_rng, data_position, force=force)
 
-    while True:
-        state, metrics = compiled(state, batch, train_rng)
-        data_position = {"batches": data_position["batches"] + 1}
-        step += 1
-        steps_this_run += 1
-        throughput.add_tokens(count_tokens(local_batch))
-        if steps_this_run == 1:
-            write_config(model_dir, "operative_config.gin", gin.operative_config_str())
-        done = step >= train_steps or (
-            stop_after_steps is not None and steps_this_run >= stop_after_steps
-        )
-        if step % log_every == 0 or done:
-            scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            scalars.update(throughput.measure(step))
-            train_writer.write(step, scalars)
-            log(progress_line(step, train_steps, scalars))
-            last_metrics = scalars
-        if eval_every and (step % eval_every == 0 or step >= train_steps):
-            if eval_fns is None:
-                eval_fns = make_eval_fns(model, objective, mesh, rules, shardings.params)
-                eval_batches_cache = load_eval_batches(
-                    mixture_or_task_name,
-                    task_feature_lengths,
-                    eval_split,
-                    batch_size,
-                    feature_converter,
-                    eval_batches,
-                    mesh,
-                    rules,
+    try:
+        while True:
+            state, metrics = compiled(state, batch, train_rng)
+            data_position = {"batches": data_position["batches"] + 1}
+            step += 1
+            steps_this_run += 1
+            nonfinite.push(step, metrics)
+            throughput.add_tokens(count_tokens(local_batch))
+            if steps_this_run == 1:
+                write_config(model_dir, "operative_config.gin", gin.operative_config_str())
+            done = step >= train_steps or (
+                stop_after_steps is not None and steps_this_run >= stop_after_steps
+            )
+            if step % log_every == 0 or done:
+                scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                scalars.update(throughput.measure(step))
+                train_writer.write(step, scalars)
+                log(progress_line(step, train_steps, scalars))
+                last_metrics = scalars
+            if eval_every and (step % eval_every == 0 or step >= train_steps):
+                nonfinite.flush()
+                if eval_fns is None:
+                    eval_fns = make_eval_fns(model, objective, mesh, rules, shardings.params)
+                    eval_batches_cache = load_eval_batches(
+                        mixture_or_task_name,
+                        task_feature_lengths,
+                        eval_split,
+                        batch_size,
+                        feature_converter,
+                        eval_batches,
+                        mesh,
+                        rules,
+                    )
+                scalars = _eval_metrics(eval_fns, state.params, eval_batches_cache)
+                eval_writer.write(step, scalars)
+                log(f"eval at step {step}: " + " ".join(f"{k} {v:.4g}" for k, v in scalars.items()))
+                throughput.reset(step)
+            if preemption.reached(step):
+                log(f"SIGTERM: saving step {step} before exit")
+                save(force=True)
+                checkpointer.wait()
+                raise TrainingStopped(
+                    f"preempted (SIGTERM) at step {step}: saved {checkpointer.directory}/{step}; "
+                    "relaunch the same command to resume.",
+                    EXIT_PREEMPTED,
                 )
-            scalars = _eval_metrics(eval_fns, state.params, eval_batches_cache)
-            eval_writer.write(step, scalars)
-            log(f"eval at step {step}: " + " ".join(f"{k} {v:.4g}" for k, v in scalars.items()))
-            throughput.reset(step)
-        if preemption.reached(step):
-            log(f"SIGTERM: saving step {step} before exit")
-            save(force=True)
-            break
-        if step % checkpoint_every == 0 or done:
-            save()
-        if done:
-            break
-        local_batch = next(batches)
-        batch = partitioning.make_global_batch(local_batch, mesh, rules)
-
-    checkpointer.close()
-    train_writer.close()
-    eval_writer.close()
+            if step % checkpoint_every == 0 or done:
+                save()
+            if done:
+                break
+            local_batch = next(batches)
+            batch = partitioning.make_global_batch(local_batch, mesh, rules)
+        nonfinite.flush()
+    finally:
+        # Also on a stop: the saves already started (all of good states) are completed.
+        checkpointer.close()
+        train_writer.close()
+        eval_writer.close()
     log(f"done at step {step}; checkpoints {checkpointer.all_steps()} in {checkpointer.directory}")
     return last_metrics
 
@@ -667,7 +827,7 @@ def _task_examples(task_name: str, split: str, lengths: Mapping[str, int], max_e
 
     task = seqio.get_mixture_or_task(task_name)
     dataset = task.get_dataset(dict(lengths), split=split, shuffle=False, num_epochs=1)
-    return task, list(dataset.take(max_examples).as_numpy_iterator())
+    return task, list(numpy_batches(dataset.take(max_examples)))
 
 
 def _target_text(example: Mapping, vocabulary) -> str:
@@ -701,7 +861,6 @@ def evaluate(
 
     from e2s2_jax.interop import params_io
     from e2s2_jax.training import partitioning
-    from e2s2_jax.training.metrics_writer import MetricsWriter
 
     if jax.process_count() > 1:
         raise ConfigError("eval runs on one process; launch it without --num_processes.")
@@ -750,14 +909,30 @@ def evaluate(
             results.update({k: float(v) for k, v in metric_fn(targets, predictions).items()})
         for target, prediction in list(zip(targets, predictions, strict=True))[:3]:
             log(f"  target:     {str(target)[:100]}\n  prediction: {str(prediction)[:100]}")
-    writer = MetricsWriter(model_dir, "eval", enabled=jax.process_index() == 0)
-    writer.write(step or 0, results)
-    writer.close()
     log(
         f"eval of step {step} on {mixture_or_task_name}:{split}: "
         + " ".join(f"{k} {v:.4g}" for k, v in results.items())
     )
+    _write_eval_metrics(model_dir, step or 0, results)
     return results
+
+
+def _write_eval_metrics(model_dir: str, step: int, results: Mapping[str, float]) -> None:
+    """Appends `results` to MODEL_DIR's eval metrics; a MODEL_DIR that cannot be written (a
+    finished run made read-only) gets a warning, the metrics having been printed already."""
+    import tensorflow as tf
+
+    from e2s2_jax.training.metrics_writer import MetricsWriter
+
+    try:
+        writer = MetricsWriter(model_dir, "eval", enabled=jax.process_index() == 0)
+        writer.write(step, results)
+        writer.close()
+    except (OSError, tf.errors.OpError) as error:
+        log(
+            f"warning: eval metrics not written to {model_dir} ({type(error).__name__}: "
+            f"{str(error).splitlines()[0][:200]}); they are printed above"
+        )
 
 
 @gin.configurable(module="e2s2_jax")
@@ -779,8 +954,12 @@ def infer(
     mesh_shape: Sequence[int] = (-1, 1, 1),
 ) -> str:
     """Decodes a task's `split` inputs, or the lines of `input_file`, to JSON lines
-    `{"input", "prediction", "score"[, "target"]}` in `output_file` (default
-    MODEL_DIR/inference.jsonl); returns its path.
+    `{"input", "prediction", "score", "truncated"[, "target"][, "blank"]}` in `output_file`
+    (default MODEL_DIR/inference.jsonl), one per input line and in order; returns its path.
+
+    A blank input line gets an empty prediction, a null score and `"blank": true`; an input
+    longer than `TASK_FEATURE_LENGTHS['inputs']` is cut to it, with `"truncated": true`. More
+    inputs than `max_examples` are cut to it, with a warning.
 
     `input_file` lines are tokenized with the task's vocabulary when a task is given, else with
     `vocabulary_model` (a SentencePiece file), else with the bundled demo vocabulary.
@@ -797,38 +976,104 @@ def infer(
     output_file = output_file or os.path.join(model_dir, "inference.jsonl")
     rules = partitioning.LOGICAL_AXIS_RULES
     mesh = partitioning.create_mesh(*mesh_shape)
-    params = _restore_params(model_dir, model, mesh, rules, checkpoint_step)
     length = task_feature_lengths["inputs"]
-    records: list[dict] = []
     if input_file is not None:
+        lines = _read_input_lines(input_file)  # bad bytes fail before the restore
+        params = _restore_params(model_dir, model, mesh, rules, checkpoint_step)
         vocabulary = _infer_vocabulary(mixture_or_task_name, vocabulary_model)
-        with open(input_file, encoding="utf-8") as f:
-            lines = [line.rstrip("\n") for line in f if line.strip()][:max_examples]
+        lines = _apply_limit(lines, max_examples, f"{input_file} has")
         rows = [np.asarray(vocabulary.encode(line) + [model.config.eos_id]) for line in lines]
-        records = [{"input": line} for line in lines]
+        records = [
+            {"input": line, "truncated": len(row) > length}
+            for line, row in zip(lines, rows, strict=True)
+        ]
     else:
+        params = _restore_params(model_dir, model, mesh, rules, checkpoint_step)
         task, examples = _task_examples(
-            mixture_or_task_name, split, task_feature_lengths, max_examples
+            mixture_or_task_name, split, task_feature_lengths, max_examples + 1
         )
+        examples = _apply_limit(examples, max_examples, f"{mixture_or_task_name}:{split} has")
         vocabulary = task.output_features["targets"].vocabulary
         rows = [e["inputs"] for e in examples]
-        for e in examples:
-            record = {"input": vocabulary.decode([int(t) for t in e["inputs"] if t > 1])}
-            if "targets" in e:
-                record["target"] = vocabulary.decode([int(t) for t in e["targets"] if t > 1])
-            records.append(record)
+        records = [_task_record(e, vocabulary, length) for e in examples]
+    # A blank line gets an empty prediction, marked, and is not decoded: output line i always
+    # answers input line i.
+    decode_rows = [
+        row for row, record in zip(rows, records, strict=True) if record["input"].strip()
+    ]
     token_batches = [
-        _pad_rows(rows[i : i + batch_size], length) for i in range(0, len(rows), batch_size)
+        _pad_rows(decode_rows[i : i + batch_size], length)
+        for i in range(0, len(decode_rows), batch_size)
     ]
     outputs = _decode_texts(model, params, decode_config, vocabulary, token_batches, seed)
     os.makedirs(os.path.dirname(os.path.abspath(output_file)), exist_ok=True)
+    truncated = 0
     with open(output_file, "w", encoding="utf-8") as f:
-        for i, (record, (text, score)) in enumerate(zip(records, outputs, strict=False)):
-            f.write(json.dumps({**record, "prediction": text, "score": score}) + "\n")
+        for i, record in enumerate(records):
+            if record["input"].strip():
+                text, score = next(outputs)
+                record = {**record, "prediction": text, "score": score}
+            else:
+                record = {**record, "prediction": "", "score": None, "blank": True}
+            truncated += bool(record["truncated"])
+            f.write(json.dumps(record) + "\n")
             if (i + 1) % (batch_size * 10) == 0:
                 log(f"decoded {i + 1}/{len(records)}")
+    if truncated:
+        log(
+            f"warning: {truncated} input(s) longer than TASK_FEATURE_LENGTHS['inputs']={length} "
+            'tokens were cut to it (their records say "truncated": true)'
+        )
     log(f"wrote {len(records)} predictions to {output_file}")
     return output_file
+
+
+def _read_input_lines(path: str) -> list[str]:
+    """The lines of `path` (UTF-8, line ends removed); bad bytes are a ConfigError naming the
+    line."""
+    try:
+        with open(path, "rb") as f:
+            raw_lines = f.read().split(b"\n")
+    except OSError as error:
+        raise ConfigError(
+            f"infer.input_file={path!r}: {error.strerror}; give a readable text file."
+        ) from error
+    if raw_lines and raw_lines[-1] == b"":
+        raw_lines.pop()  # the newline that ends the last line
+    lines = []
+    for number, raw in enumerate(raw_lines, start=1):
+        try:
+            lines.append(raw.decode("utf-8").rstrip("\r"))
+        except UnicodeDecodeError as error:
+            raise ConfigError(
+                f"{path}:{number}: line is not UTF-8 ({error.reason} at byte {error.start}); "
+                "fix or remove that line (infer writes one output line per input line)."
+            ) from error
+    return lines
+
+
+def _apply_limit(items: list, max_examples: int, source: str) -> list:
+    """`items` cut to `max_examples`, saying so when that cuts anything."""
+    if len(items) > max_examples:
+        log(
+            f"warning: {source} more than infer.max_examples={max_examples} inputs; decoding the "
+            "first ones only (raise --gin.infer.max_examples to decode them all)"
+        )
+    return items[:max_examples]
+
+
+def _task_record(example: Mapping, vocabulary, length: int) -> dict:
+    """The output record of a task example, before its prediction: input, target, and whether
+    the input was cut to `length` tokens (exact when the example keeps its text)."""
+    record = {"input": vocabulary.decode([int(t) for t in example["inputs"] if t > 1])}
+    if "inputs_pretokenized" in example:
+        text = example["inputs_pretokenized"].decode()
+        record["truncated"] = len(vocabulary.encode(text)) + 1 > length
+    else:  # only the trimmed tokens: an input that fills the length may have been cut
+        record["truncated"] = len(example["inputs"]) >= length
+    if "targets" in example:
+        record["target"] = vocabulary.decode([int(t) for t in example["targets"] if t > 1])
+    return record
 
 
 def _infer_vocabulary(task_name: str | None, vocabulary_model: str | None):
@@ -861,7 +1106,18 @@ def initialize_distributed(args: argparse.Namespace) -> None:
         jax.distributed.initialize()
 
 
+def _without_gin_call_notes(error: Exception) -> str:
+    """The message without the `In call to configurable ...` lines Gin appends on the way up
+    (the message names the binding already)."""
+    lines = str(error).splitlines()
+    return "\n".join(line for line in lines if not line.startswith("  In call to configurable"))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Runs one job; returns the exit status (`e2s2_jax.errors`: 2 for bad input, 3 for a
+    non-finite stop, 75 for a preempted run), with a one-line reason on stderr."""
+    from e2s2_jax.training.checkpoints import CheckpointError
+
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "convert":
         from e2s2_jax.interop import hf
@@ -871,15 +1127,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         initialize_distributed(args)  # before anything touches a JAX backend
         parse_gin(args.mode, args.gin_file, bindings, args.gin_search_paths)
+        unused = gin_checks.check_macros(bindings)
+        if unused:
+            log(f"warning: macros bound in the Gin files but used by no binding: {unused}")
+        gin_checks.check_integer_settings(
+            args.mode, {"train": train, "evaluate": evaluate, "infer": infer}
+        )
         if args.mode == "ssr-generate":
             from e2s2_jax.ssr.job import ssr_generate  # the SSR span-generation job
 
             ssr_generate()
         else:
             {"train": train, "eval": evaluate, "infer": infer}[args.mode]()
-    except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    except (ConfigError, CheckpointError) as error:
+        print(f"error: {_without_gin_call_notes(error)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except TrainingStopped as error:
+        prefix = "" if error.exit_status == EXIT_PREEMPTED else "error: "
+        print(f"{prefix}{_without_gin_call_notes(error)}", file=sys.stderr)
+        return error.exit_status
     return 0
 
 

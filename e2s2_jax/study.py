@@ -680,6 +680,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out_dir = Path(args.out).resolve()
     if args.render:
+        if not (out_dir / "results.json").is_file():
+            parser.error(
+                f"--render: {out_dir / 'results.json'} does not exist; run the study first"
+            )
         results = json.loads((out_dir / "results.json").read_text())
         write_outputs(results, out_dir)
         if args.readme:

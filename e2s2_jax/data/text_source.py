@@ -12,6 +12,7 @@ import itertools
 import logging
 import os
 import threading
+import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Literal
 
@@ -157,6 +158,15 @@ def _read_file(
                 for piece in pieces:
                     counts["documents"] += 1
                     yield piece
+    except (EOFError, zlib.error, gzip.BadGzipFile) as error:
+        # The lines read so far have gone out already: failing is the only way not to train
+        # on a silently shortened corpus.
+        read = totals["documents"] + counts["documents"]
+        raise ValueError(
+            f"{path}: the gzip data is truncated or damaged after {read} documents ({error}); "
+            f"re-create the file (`gzip -t {path}` checks one), or remove it from the file "
+            "patterns"
+        ) from error
     finally:
         flush()
     documents, blank = totals["documents"], totals["blank_lines"]

@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import os
+import sys
 from collections.abc import Iterator
 
 import jax
@@ -19,6 +20,7 @@ import safetensors
 import safetensors.numpy
 from flax import linen as nn
 
+from e2s2_jax.errors import EXIT_BAD_INPUT
 from e2s2_jax.models.t5 import FEED_FORWARD_PROJS, T5, T5Config, scan_params, unscan_params
 
 CONFIG_FILE = "config.json"
@@ -368,7 +370,8 @@ def export_hf(config: T5Config, params: dict, hf_dir: str) -> None:
 # ----------------------------------------------------------------------------- command line
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
+    """The conversion command line; returns the exit status (2 on bad input)."""
     from e2s2_jax.interop import params_io
 
     parser = argparse.ArgumentParser(
@@ -385,15 +388,22 @@ def main(argv: list[str] | None = None) -> None:
     exp.add_argument("--params_dir", required=True, help="params directory written by import")
     exp.add_argument("--hf_dir", required=True, help="HF directory to write")
     args = parser.parse_args(argv)
-    if args.command == "import":
-        config, params = import_hf(args.hf_dir, scan_layers=args.scan_layers)
-        params_io.save_params(args.output_dir, config, params)
-        print(f"imported {args.hf_dir} -> {args.output_dir}")
-    else:
-        config, params = params_io.load_params(args.params_dir)
-        export_hf(config, params, args.hf_dir)
-        print(f"exported {args.params_dir} -> {args.hf_dir}")
+    try:
+        if args.command == "import":
+            config, params = import_hf(args.hf_dir, scan_layers=args.scan_layers)
+            params_io.save_params(args.output_dir, config, params)
+            print(f"imported {args.hf_dir} -> {args.output_dir}")
+        else:
+            config, params = params_io.load_params(args.params_dir)
+            export_hf(config, params, args.hf_dir)
+            print(f"exported {args.params_dir} -> {args.hf_dir}")
+    except (ValueError, OSError, RuntimeError) as error:
+        # The conversion's errors name the file and what is wrong with it (HFCheckpointError,
+        # CheckpointError, a missing or unreadable file): one line, no traceback.
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

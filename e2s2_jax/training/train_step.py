@@ -82,7 +82,9 @@ def make_train_step(
       object itself). `rng` is a base key; the dropout key is `fold_in(rng, state.step)` (and
       the microbatch index), so a resumed run draws the same dropout masks. Metrics (float32
       scalars, replicated): the objective's metrics and normalizers, `grad_norm` (global
-      norm before clipping), and `learning_rate` when `learning_rate_fn` is given.
+      norm before clipping), `nonfinite` (1.0 when the loss or the gradient norm was not
+      finite, and the update was therefore not applied), and `learning_rate` when
+      `learning_rate_fn` is given.
     """
     if num_microbatches < 1:
         raise ValueError(f"num_microbatches={num_microbatches} must be at least 1.")
@@ -133,12 +135,24 @@ def make_train_step(
                 (grads, metrics), _ = jax.lax.scan(
                     accumulate, zeros, (jnp.arange(num_microbatches), microbatches)
                 )
+            grad_norm = optax.tree.norm(grads)
             updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)
+            # A non-finite loss or gradient is never applied: the step keeps its params and
+            # optimizer state (and still counts, so the data position and dropout keys move on).
+            # The predicate is two scalars known before the update, so the select fuses into
+            # the update's elementwise pass: no second copy of the state.
+            finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+            params, opt_state = jax.tree.map(
+                lambda new, old: jnp.where(finite, new, old),
+                (params, opt_state),
+                (state.params, state.opt_state),
+            )
         metrics = {
             **metrics,
             **{name: jnp.asarray(value, jnp.float32) for name, value in normalizers.items()},
-            "grad_norm": optax.tree.norm(grads),
+            "grad_norm": grad_norm,
+            "nonfinite": 1.0 - finite.astype(jnp.float32),
         }
         if learning_rate_fn is not None:
             metrics["learning_rate"] = jnp.asarray(learning_rate_fn(state.step), jnp.float32)
