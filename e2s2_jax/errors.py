@@ -2,7 +2,9 @@
 
 Exit statuses of `python -m e2s2_jax.main` (README, "Reliability"):
   0   finished;
-  2   bad input or configuration (nothing was trained or written past the last good checkpoint);
+  2   bad input or configuration, or a checkpoint that cannot be read or written (a damaged
+      one with no good one before it, a failed save); nothing past the last good checkpoint is
+      kept, and the message names the file or binding and the fix;
   3   training stopped on a non-finite loss, gradient or state (the last good checkpoint kept);
   75  preempted (SIGTERM): the current step was saved; relaunch the same command to resume
       (75 is EX_TEMPFAIL, "try again", so a retry-until-success wrapper requeues the run).

@@ -712,6 +712,8 @@ def _train(
             data_position = {"batches": data_position["batches"] + 1}
             step += 1
             steps_this_run += 1
+            # A background save that failed is reported here, one step later (CheckpointError).
+            checkpointer.check_finished_save()
             nonfinite.push(step, metrics)
             throughput.add_tokens(count_tokens(local_batch))
             if steps_this_run == 1:

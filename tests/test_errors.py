@@ -77,8 +77,14 @@ def test_bad_eval_and_infer_settings(tmp_path, capsys):
     lengths = "--gin.TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 16}"
     code, stderr = _in_process(
         capsys,
-        ["eval", *common, "--gin_file=gin/runs/eval.gin", lengths, "--gin.BATCH_SIZE=0",
-         '--gin.MIXTURE_OR_TASK_NAME="bundled_span_corruption"'],  # fmt: skip
+        [
+            "eval",
+            *common,
+            "--gin_file=gin/runs/eval.gin",
+            lengths,
+            "--gin.BATCH_SIZE=0",
+            '--gin.MIXTURE_OR_TASK_NAME="bundled_span_corruption"',
+        ],  # fmt: skip
     )
     assert code == 2 and "(read by evaluate.batch_size) = 0: must be an integer" in stderr, stderr
     code, stderr = _in_process(

@@ -9,6 +9,7 @@ import os
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import linen as nn
 
 from e2s2_jax.models.t5 import T5Config
@@ -77,7 +78,16 @@ def load_params(directory: str) -> tuple[T5Config, dict]:
         if train_state is None:
             params = checkpointer.restore(params_path)
         else:  # only the params subtree, as host numpy arrays (any device layout was saved)
-            metadata = checkpointer.metadata(params_path).item_metadata["params"]
+            from e2s2_jax.training.checkpoints import DamagedCheckpointError, verify_checksums
+
+            try:  # the step's checksums, when it has them
+                verify_checksums(os.path.dirname(params_path))
+            except DamagedCheckpointError as e:
+                raise ValueError(f"{e}; export another step, or restore it from a backup.") from e
+            # The handler reads the item directory; `checkpointer.metadata` would also look for
+            # the step's `_CHECKPOINT_METADATA` in it, which sits one level up.
+            handler = ocp.PyTreeCheckpointHandler()
+            metadata = handler.metadata(epath.Path(params_path))["params"]
             params = ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).restore(
                 params_path,
                 args=ocp.args.PyTreeRestore(

@@ -1,17 +1,24 @@
 """Train checkpoints with Orbax: state (step, params, optimizer state, RNG) and data position.
 
-Layout: `MODEL_DIR/checkpoints/<step>/{state,data}`. `state` is the TrainState plus the base RNG
-key (a PyTree, sharded save and restore); `data` is JSON with the number of global batches the
-input pipeline has produced, which `restore` hands back so the trainer skips that many batches
-of its deterministic (seeded) pipeline.
+Layout: `MODEL_DIR/checkpoints/<step>/{state,data,checksums.json}`. `state` is the TrainState
+plus the base RNG key (a PyTree, sharded save and restore); `data` is JSON with the number of
+global batches the input pipeline has produced, which `restore` hands back so the trainer skips
+that many batches of its deterministic (seeded) pipeline.
 
 Orbax writes each checkpoint into a temporary directory and renames it when complete, so a
-process killed mid-save leaves no half checkpoint among the steps `latest_step` sees: restore
-always takes the newest complete one.
+process killed mid-save leaves no half checkpoint among the steps `latest_step` sees. Once a
+save is complete, process 0 writes `checksums.json` beside it: the size and SHA-256 of every
+file of the step (written to a temporary name, then renamed). `restore` verifies them: a
+damaged newest checkpoint is set aside (`<step>.damaged`) and the one before it restored. A
+step without `checksums.json` (written before checksums existed, or the process was killed
+between the save and its checksums) restores unverified, with a warning.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import hashlib
+import json
 import logging
 import os
 from collections.abc import Mapping
@@ -20,6 +27,7 @@ from typing import Any
 import flax.traverse_util as traverse_util
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -29,9 +37,97 @@ from e2s2_jax.training.train_state import TrainState
 PyTree = Any
 log = logging.getLogger(__name__)
 
+CHECKSUMS_NAME = "checksums.json"
+_CHECKSUMS_VERSION = 1
+_READ_CHUNK = 1 << 22  # bytes
+
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used, with what to do about it."""
+
+
+class DamagedCheckpointError(CheckpointError):
+    """A checkpoint step whose files do not match its `checksums.json`."""
+
+
+class NonFiniteStateError(CheckpointError):
+    """A train state holding NaN or Inf, which `TrainCheckpointer.save` refuses to write."""
+
+
+# ----------------------------------------------------------------------------- checksums
+
+
+def _size_and_sha256(path: epath.Path) -> tuple[int, str]:
+    digest = hashlib.sha256()
+    size = 0
+    with path.open("rb") as f:
+        while chunk := f.read(_READ_CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+    return size, digest.hexdigest()
+
+
+def _step_files(step_dir: epath.Path) -> list[str]:
+    """Paths of the files under `step_dir`, relative to it, without the checksums file."""
+    files = []
+    for root, _, names in step_dir.walk():
+        for name in names:
+            relative = (root / name).relative_to(step_dir).as_posix()
+            if not relative.startswith(CHECKSUMS_NAME):
+                files.append(relative)
+    return sorted(files)
+
+
+def write_checksums(step_dir: str | epath.Path) -> None:
+    """Writes `step_dir/checksums.json`, the size and SHA-256 of every file of the complete
+    checkpoint step `step_dir`: to a temporary name first, then renamed (never half-written)."""
+    step_dir = epath.Path(step_dir)
+    files = {}
+    for name in _step_files(step_dir):
+        size, sha256 = _size_and_sha256(step_dir / name)
+        files[name] = {"bytes": size, "sha256": sha256}
+    text = json.dumps({"version": _CHECKSUMS_VERSION, "files": files}, indent=1, sort_keys=True)
+    temporary = step_dir / f"{CHECKSUMS_NAME}.tmp-{os.getpid()}"
+    temporary.write_text(text)
+    temporary.replace(step_dir / CHECKSUMS_NAME)
+
+
+def verify_checksums(step_dir: str | epath.Path) -> bool:
+    """True when every file listed in `step_dir/checksums.json` has its size and SHA-256;
+    False when the step has no `checksums.json`. Raises DamagedCheckpointError naming the
+    files that differ (missing, truncated, changed)."""
+    step_dir = epath.Path(step_dir)
+    checksums_path = step_dir / CHECKSUMS_NAME
+    if not checksums_path.exists():
+        return False
+    try:
+        files = json.loads(checksums_path.read_text())["files"]
+        expected = {name: (int(v["bytes"]), str(v["sha256"])) for name, v in files.items()}
+    except (ValueError, KeyError, TypeError, AttributeError, OSError) as error:
+        raise DamagedCheckpointError(
+            f"{checksums_path} is unreadable ({type(error).__name__}: {error})"
+        ) from error
+    problems = []
+    for name, (size, sha256) in sorted(expected.items()):
+        try:
+            found_size, found_sha256 = _size_and_sha256(step_dir / name)
+        except FileNotFoundError:
+            problems.append(f"{name} is missing")
+            continue
+        except OSError as error:
+            problems.append(f"{name} is unreadable ({error})")
+            continue
+        if found_size != size:
+            problems.append(f"{name} has {found_size} bytes, {size} were written")
+        elif found_sha256 != sha256:
+            problems.append(f"{name} differs from what was written (SHA-256)")
+    if problems:
+        more = f" and {len(problems) - 3} more" if len(problems) > 3 else ""
+        raise DamagedCheckpointError(f"{step_dir} is damaged: {'; '.join(problems[:3])}{more}")
+    return True
+
+
+# ----------------------------------------------------------------------------- train checkpoints
 
 
 def _state_tree(state: TrainState, rng: jax.Array) -> dict:
@@ -44,16 +140,31 @@ def _state_tree(state: TrainState, rng: jax.Array) -> dict:
     }
 
 
+def _is_float(x: Any) -> bool:
+    return jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+
+
+def _finite_flags(tree: PyTree) -> jax.Array:
+    """[leaves] bool: whether each floating-point leaf of `tree` is all finite."""
+    leaves = [x for x in jax.tree.leaves(tree) if _is_float(x)]
+    if not leaves:
+        return jnp.ones((0,), bool)
+    return jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])
+
+
 class TrainCheckpointer:
     """Save / restore train checkpoints under `directory`; keeps the newest `keep` of them.
 
     Saves are asynchronous (Orbax copies the arrays to host, then writes in a background
-    thread); `wait()` blocks until the last one is on disk. Every process of a multi-host run
-    calls every method (Orbax coordinates the writes).
+    thread). Call `check_finished_save()` every step: it raises CheckpointError as soon as a
+    background save has failed, and writes the checksums of one that has finished. `wait()`
+    blocks until the last save and its checksums are on disk. Every process of a multi-host
+    run calls every method (Orbax coordinates the writes; process 0 writes the checksums).
     """
 
     def __init__(self, directory: str | epath.Path, *, keep: int | None = 3, async_save=True):
         self.directory = epath.Path(directory)
+        self.async_save = async_save
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
             create=True,
@@ -63,6 +174,16 @@ class TrainCheckpointer:
         self.manager = ocp.CheckpointManager(
             self.directory, options=options, item_names=("state", "data")
         )
+        self._is_primary = jax.process_index() == 0
+        self._saving: int | None = None  # a step whose save started and was not checked yet
+        self._checksums_pool = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix="checkpoint_checksums"
+        )
+        self._checksums: tuple[int, concurrent.futures.Future] | None = None
+        self._finite_fns: dict[Any, Any] = {}
+
+    def step_directory(self, step: int) -> epath.Path:
+        return self.directory / str(step)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -73,21 +194,127 @@ class TrainCheckpointer:
     def save(
         self, state: TrainState, rng: jax.Array, data_position: Mapping[str, Any], *, force=False
     ) -> bool:
-        """Starts saving `state` at its step; returns False when that step is already saved."""
+        """Starts saving `state` at its step; returns False when that step is already saved.
+
+        Raises NonFiniteStateError (and saves nothing) when the params or optimizer state hold
+        NaN or Inf, and CheckpointError when the previous save or this one fails.
+        """
         step = int(state.step)
+        self._check_finite(state)
+        self.wait()
         if step in self.manager.all_steps():
             return False
-        return self.manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(_state_tree(state, rng)),
-                data=ocp.args.JsonSave(dict(data_position)),
-            ),
-            force=force,
-        )
+        try:
+            saved = self.manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(_state_tree(state, rng)),
+                    data=ocp.args.JsonSave(dict(data_position)),
+                ),
+                force=force,
+            )
+        except Exception as error:
+            raise self._save_failed(step, error) from error
+        if saved:
+            self._saving = step
+            if not self.async_save:
+                self.wait()
+        return saved
+
+    def check_finished_save(self) -> int | None:
+        """Returns the step whose save finished since the last call (None when none did).
+
+        Cheap while a save runs (no I/O, no collective): call it every step. Raises
+        CheckpointError naming the step, its directory and the cause when the background save
+        failed (the checkpoints before it are kept), or when writing the checksums of a finished
+        one failed. When a save has finished, process 0 starts writing its checksums in a
+        background thread.
+        """
+        self._collect_checksums(block=False)
+        if self._saving is None or self.manager.is_saving_in_progress():
+            return None
+        return self._finish_save()
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        """Blocks until the last save and its checksums are on disk; raises CheckpointError as
+        `check_finished_save` does."""
+        self._collect_checksums(block=True)
+        if self._saving is not None:
+            self._finish_save()
+        self._collect_checksums(block=True)
+
+    def _finish_save(self) -> int:
+        step, self._saving = self._saving, None
+        try:
+            self.manager.wait_until_finished()
+        except Exception as error:
+            raise self._save_failed(step, error) from error
+        if self._is_primary:
+            self._collect_checksums(block=True)
+            job = self._checksums_pool.submit(write_checksums, self.step_directory(step))
+            self._checksums = (step, job)
+        return step
+
+    def _collect_checksums(self, *, block: bool) -> None:
+        if self._checksums is None or not (block or self._checksums[1].done()):
+            return
+        (step, job), self._checksums = self._checksums, None
+        try:
+            job.result()
+        except Exception as error:
+            raise CheckpointError(
+                f"Checkpoint {self.step_directory(step)} was saved, but writing its "
+                f"{CHECKSUMS_NAME} failed ({type(error).__name__}: {error}): it will restore "
+                "unverified. Fix the cause (a full disk?) before training on."
+            ) from error
+
+    def _save_failed(self, step: int, error: BaseException) -> CheckpointError:
+        self._wait_for_failed_writes()
+        self.manager.reload()  # Orbax forgets the steps it meant to prune; they are on disk
+        kept = self.all_steps()
+        return CheckpointError(
+            f"Saving checkpoint step {step} to {self.step_directory(step)} failed: "
+            f"{type(error).__name__}: {error}. "
+            + (
+                f"The complete checkpoints before it are kept (steps {kept}); fix the cause (a "
+                "full disk?) and rerun to resume from the newest of them."
+                if kept
+                else "No earlier checkpoint exists; fix the cause (a full disk?) and rerun."
+            )
+        )
+
+    def _wait_for_failed_writes(self) -> None:
+        """Waits for the writes of a failed save that are still running: Orbax stops waiting
+        at the first failed one, and the others, cut off when the process exits, would each log
+        a traceback. Orbax 0.12.8 keeps them in private attributes: a no-op where it does not."""
+        async_manager = getattr(self.manager._checkpointer, "_async_manager", None)
+        for write in getattr(async_manager, "_commit_futures", None) or ():
+            try:
+                write.result(timeout=600)
+            except Exception:  # reported already, by the first failure
+                pass
+
+    def _check_finite(self, state: TrainState) -> None:
+        tree = {"params": state.params, "opt_state": state.opt_state}
+        sharding = state.step.sharding
+        if sharding not in self._finite_fns:
+            self._finite_fns[sharding] = jax.jit(_finite_flags, out_shardings=sharding)
+        flags = np.asarray(self._finite_fns[sharding](tree))
+        if flags.all():
+            return
+        names = [
+            jax.tree_util.keystr(path)
+            for path, x in jax.tree_util.tree_leaves_with_path(tree)
+            if _is_float(x)
+        ]
+        bad = [name for name, finite in zip(names, flags, strict=True) if not finite]
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise NonFiniteStateError(
+            f"Refusing to save step {int(state.step)} to {self.directory}: the train state holds "
+            f"NaN or Inf in {', '.join(bad[:5])}{more}. The checkpoints before it are kept "
+            f"(steps {self.all_steps()}); resume from one of them with a smaller learning rate, "
+            "longer warm-up or gradient clipping."
+        )
 
     def restore(
         self,
@@ -96,11 +323,50 @@ class TrainCheckpointer:
         rng_template: jax.Array,
         step: int | None = None,
     ) -> tuple[TrainState, jax.Array, dict]:
-        """`(state, rng, data_position)` of checkpoint `step` (the newest when None), each array
-        placed with `shardings`."""
-        step = self.latest_step() if step is None else step
-        if step is None:
+        """`(state, rng, data_position)` of checkpoint `step`, each array placed with
+        `shardings`. When `step` is None: of the newest checkpoint whose checksums match; newer
+        damaged ones are moved to `<step>.damaged`, each with one warning naming it."""
+        steps = sorted(self.all_steps(), reverse=True) if step is None else [step]
+        if not steps:
             raise CheckpointError(f"No complete checkpoint in {self.directory}.")
+        damaged: list[tuple[int, DamagedCheckpointError]] = []
+        for candidate in steps:
+            try:
+                verified = verify_checksums(self.step_directory(candidate))
+            except DamagedCheckpointError as error:
+                damaged.append((candidate, error))
+                continue
+            if not verified and self._is_primary:
+                log.warning(
+                    f"Checkpoint {self.step_directory(candidate)} has no {CHECKSUMS_NAME} "
+                    "(written before checksums existed, or the run stopped before writing "
+                    "them): restoring it unverified."
+                )
+            restored = self._restore_step(
+                candidate, abstract_state, shardings, rng_template, verified
+            )
+            self._set_aside(damaged, candidate)
+            return restored
+        if step is not None:
+            raise CheckpointError(
+                f"{damaged[0][1]}. Restore that step directory from a backup, or resume from an "
+                "earlier step."
+            )
+        raise CheckpointError(
+            f"No usable checkpoint in {self.directory}: "
+            + "; ".join(str(error) for _, error in damaged)
+            + ". Restore those step directories from a backup, or move them away (e.g. to "
+            "`<step>.damaged`) to start again from scratch or from `train.initial_checkpoint`."
+        )
+
+    def _restore_step(
+        self,
+        step: int,
+        abstract_state: TrainState,
+        shardings: TrainState,
+        rng_template: jax.Array,
+        verified: bool,
+    ) -> tuple[TrainState, jax.Array, dict]:
         rng_data = jax.random.key_data(rng_template)
         replicated = shardings.step
         target = {
@@ -116,22 +382,54 @@ class TrainCheckpointer:
                     state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()
                 ),
             )
-        except (ValueError, KeyError, FileNotFoundError, OSError) as error:
+        except Exception as error:  # TensorStore raises bare Exceptions for unreadable files
             raise CheckpointError(
-                f"Checkpoint {self.directory / str(step)} cannot be restored into this model "
+                f"Checkpoint {self.step_directory(step)} cannot be restored into this model "
                 f"and optimizer ({type(error).__name__}: {error}). If the model or optimizer "
                 "changed, start from its params with `train.initial_checkpoint` instead of "
-                "resuming; if the checkpoint is damaged, delete that step's directory to "
-                "resume from the one before."
+                "resuming"
+                + (
+                    f" (its files match their {CHECKSUMS_NAME}: it is not damaged)."
+                    if verified
+                    else "; if the checkpoint is damaged, move that step's directory away (e.g. "
+                    "to `<step>.damaged`) to resume from the one before."
+                )
             ) from error
         tree = restored["state"]
         state = TrainState(step=tree["step"], params=tree["params"], opt_state=tree["opt_state"])
         rng = jax.random.wrap_key_data(tree["rng"], impl=jax.random.key_impl(rng_template))
         return state, rng, dict(restored["data"] or {})
 
+    def _set_aside(self, damaged: list[tuple[int, DamagedCheckpointError]], restored: int):
+        """Moves the damaged steps newer than `restored` to `<step>.damaged` (Orbax lists only
+        numeric names), so that the run saves those steps again."""
+        if not damaged:
+            return
+        for step, error in damaged:
+            target = self.directory / f"{step}.damaged"
+            suffix = 1
+            while target.exists():
+                suffix += 1
+                target = self.directory / f"{step}.damaged-{suffix}"
+            if self._is_primary:
+                self.step_directory(step).rename(target)
+                log.warning(
+                    f"{error}: moved it to {target} and restored "
+                    f"{self.step_directory(restored)} instead."
+                )
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("e2s2_jax:damaged_checkpoints_set_aside")
+        self.manager.reload()
+
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        """Waits for the last save (raising CheckpointError as `wait` does), then closes."""
+        try:
+            self.wait()
+        finally:
+            self.manager.close()
+            self._checksums_pool.shutdown(wait=True)
 
 
 def _with_shardings(abstract: PyTree, shardings: PyTree) -> PyTree:
@@ -203,9 +501,19 @@ def load_params_into(
     Returns `(params, filled_from_init, ignored_from_checkpoint)` (slash-joined paths).
     """
     directory, kind = _params_directory(_absolute(path))
-    checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
+    if kind == "state":  # a train checkpoint step: verify its checksums when it has them
+        try:
+            verify_checksums(directory.parent)
+        except DamagedCheckpointError as error:
+            raise CheckpointError(
+                f"{error}. Load another step (eval / infer: `checkpoint_step`; "
+                "`train.initial_checkpoint`: `MODEL_DIR/checkpoints/<step>`), or restore this "
+                "one from a backup."
+            ) from error
+    # The handler reads an item directory (`<step>/state`, `params`); `Checkpointer.metadata`
+    # would also look for the step's `_CHECKPOINT_METADATA` in it, which sits one level up.
     try:
-        metadata = checkpointer.metadata(directory).item_metadata
+        metadata = ocp.PyTreeCheckpointHandler().metadata(directory)
     except (FileNotFoundError, ValueError, OSError) as error:
         raise CheckpointError(f"Cannot read checkpoint metadata in {directory}: {error}") from error
     if metadata is None:
@@ -241,17 +549,25 @@ def load_params_into(
     target = traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in wanted.items()})
     if kind == "state":
         target = {"params": target}
-    restored = checkpointer.restore(
-        directory,
-        args=ocp.args.PyTreeRestore(
-            item=target,
-            restore_args=jax.tree.map(
-                lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, dtype=x.dtype), target
+    checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
+    try:
+        restored = checkpointer.restore(
+            directory,
+            args=ocp.args.PyTreeRestore(
+                item=target,
+                restore_args=jax.tree.map(
+                    lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, dtype=x.dtype), target
+                ),
+                partial_restore=True,
             ),
-            partial_restore=True,
-        ),
-    )
-    checkpointer.close()
+        )
+    except Exception as error:  # TensorStore raises bare Exceptions for unreadable files
+        raise CheckpointError(
+            f"Cannot read the parameters in {directory} ({type(error).__name__}: {error}): the "
+            "checkpoint is damaged or incomplete; load another step or re-export the model."
+        ) from error
+    finally:
+        checkpointer.close()
     restored_flat = _flat(restored["params"] if kind == "state" else restored)
     params_flat = {name: restored_flat.get(name, value) for name, value in init_flat.items()}
     filled = sorted(set(init_flat) - set(stored_flat))
