@@ -15,6 +15,7 @@ import sys
 
 import eight_devices
 import pytest
+from test_main import _main_in_process
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN = [
@@ -39,19 +40,6 @@ def _team_module(directory, name: str, train_files: str) -> str:
     return str(gin_file)
 
 
-def _in_process(capsys, argv) -> tuple[int, str]:
-    import gin
-
-    from e2s2_jax import main
-
-    gin.clear_config()
-    try:
-        code = main.main(argv)
-    finally:
-        gin.clear_config()
-    return code, capsys.readouterr().err
-
-
 @pytest.mark.parametrize(
     "extra, expected",
     [
@@ -65,7 +53,7 @@ def _in_process(capsys, argv) -> tuple[int, str]:
 )
 def test_bad_train_settings_fail_before_any_work(tmp_path, capsys, extra, expected):
     argv = ["train", *RUN, f'--gin.MODEL_DIR="{tmp_path / "run"}"', "--gin.TRAIN_STEPS=5"]
-    code, stderr = _in_process(capsys, [*argv, *extra])
+    code, stderr = _main_in_process(capsys, [*argv, *extra])
     assert code == 2, stderr[-3000:]
     assert expected in stderr, stderr[-3000:]
     assert "In call to configurable" not in stderr  # Gin's notes are dropped: one line
@@ -75,7 +63,7 @@ def test_bad_train_settings_fail_before_any_work(tmp_path, capsys, extra, expect
 def test_bad_eval_and_infer_settings(tmp_path, capsys):
     common = ["--gin_file=gin/models/t5_1_1_tiny.gin", f'--gin.MODEL_DIR="{tmp_path}"']
     lengths = "--gin.TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 16}"
-    code, stderr = _in_process(
+    code, stderr = _main_in_process(
         capsys,
         [
             "eval",
@@ -87,7 +75,7 @@ def test_bad_eval_and_infer_settings(tmp_path, capsys):
         ],  # fmt: skip
     )
     assert code == 2 and "(read by evaluate.batch_size) = 0: must be an integer" in stderr, stderr
-    code, stderr = _in_process(
+    code, stderr = _main_in_process(
         capsys,
         ["infer", *common, "--gin_file=gin/runs/infer.gin", lengths, "--gin.infer.max_examples=0"],
     )
@@ -107,7 +95,7 @@ def test_a_team_module_with_bad_data_names_the_file(tmp_path, capsys, monkeypatc
     gin_file = _team_module(tmp_path, name, files)
     monkeypatch.syspath_prepend(str(tmp_path))
     argv = ["train", *RUN, f"--gin_file={gin_file}", f'--gin.MODEL_DIR="{tmp_path / "run"}"']
-    code, stderr = _in_process(capsys, argv)
+    code, stderr = _main_in_process(capsys, argv)
     assert code == 2, stderr
     assert expected in stderr and f"(raised by `import {name}` in {gin_file}, line 1)" in stderr
     assert "Check the spelling" not in stderr

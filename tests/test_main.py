@@ -237,6 +237,29 @@ def trained_run(tmp_path_factory):
     return model_dir
 
 
+def _infer(model_dir, inputs, *extra):
+    """`main infer` of the tiny model in MODEL_DIR over the lines of `inputs`."""
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "e2s2_jax.main",
+            "infer",
+            "--gin_file=gin/models/t5_1_1_tiny.gin",
+            "--gin_file=gin/runs/infer.gin",
+            f'--gin.MODEL_DIR="{model_dir}"',
+            "--gin.TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 16}",
+            f'--gin.infer.input_file="{inputs}"',
+            *extra,
+        ],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
 def test_train_eval_infer_outputs(trained_run, tmp_path):
     model_dir = trained_run
     for name in (
@@ -259,25 +282,7 @@ def test_train_eval_infer_outputs(trained_run, tmp_path):
 
     inputs = tmp_path / "inputs.txt"
     inputs.write_text("It is a truth universally acknowledged.\nEmma Woodhouse, handsome.\n")
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "e2s2_jax.main",
-            "infer",
-            "--gin_file=gin/models/t5_1_1_tiny.gin",
-            "--gin_file=gin/runs/infer.gin",
-            f'--gin.MODEL_DIR="{model_dir}"',
-            "--gin.TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 16}",
-            f'--gin.infer.input_file="{inputs}"',
-            "--gin.DecodeConfig.max_decode_length=8",
-        ],
-        cwd=REPO,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    result = _infer(model_dir, inputs, "--gin.DecodeConfig.max_decode_length=8")
     assert result.returncode == 0, result.stderr[-3000:]
     records = [
         json.loads(line) for line in (model_dir / "inference.jsonl").read_text().splitlines()
@@ -294,27 +299,13 @@ def test_infer_writes_one_record_per_input_line_in_order(trained_run, tmp_path):
     inputs = tmp_path / "inputs.txt"
     inputs.write_text("\n".join(lines) + "\n")
     output = tmp_path / "out.jsonl"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "e2s2_jax.main",
-            "infer",
-            "--gin_file=gin/models/t5_1_1_tiny.gin",
-            "--gin_file=gin/runs/infer.gin",
-            f'--gin.MODEL_DIR="{trained_run}"',
-            "--gin.TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 16}",
-            f'--gin.infer.input_file="{inputs}"',
-            f'--gin.infer.output_file="{output}"',
-            "--gin.infer.max_examples=6",
-            "--gin.infer.batch_size=2",
-            "--gin.DecodeConfig.max_decode_length=4",
-        ],
-        cwd=REPO,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
+    result = _infer(
+        trained_run,
+        inputs,
+        f'--gin.infer.output_file="{output}"',
+        "--gin.infer.max_examples=6",
+        "--gin.infer.batch_size=2",
+        "--gin.DecodeConfig.max_decode_length=4",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     records = [json.loads(line) for line in output.read_text().splitlines()]
