@@ -4,12 +4,16 @@ The algorithms only see `tokens_to_logits(tokens [n], cache, step) -> (logits [n
 and a `reorder_cache(cache, indices [n])`; `predict_batch` wires them to a `T5` model.
 Returned tokens exclude the decoder start token; positions after eos hold `pad_id`.
 
-With SurfaceFusion (`models/fusion.py`) the model returns fused log-probability scores instead
-of logits; every method treats them as logits, so greedy, beam search and sampling all score
-with `log_softmax(fused)`, the distribution the training loss uses (for the "soft" and
-"postnorm" modes this is the fused score itself; for "hard" and "gate" the renormalised
-geometric mixture, with the same argmax). The source keys and values of its surface attention
-are cached once per decode, like cross-attention's.
+The model's outputs are logits, scored with `log_softmax` (`normalize=True`), or, with a
+SurfaceFusion "hard" or "gate" output layer (`models/fusion.py`, `fusion.scores_used_as_is`),
+fused log-probability scores used as is (`normalize=False`), as the reference's beam search
+does and as the training loss uses them: beam search ranks by and sums the fused score,
+greedy and sampling report it per token (greedy's argmax is the same either way; sampling
+draws from `exp(score)` normalised, after temperature and filtering, as from logits). The
+"soft" and "postnorm" scores are normalised already: `log_softmax` leaves them as they are.
+`SurfaceFusion.renormalize = True` scores "hard"/"gate" with `log_softmax(fused)` instead. The
+source keys and values of the surface attention are cached once per decode, like
+cross-attention's.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from e2s2_jax.models.fusion import SURFACE_ATTENTION_CACHE
+from e2s2_jax.models.fusion import SURFACE_ATTENTION_CACHE, scores_used_as_is
 from e2s2_jax.models.t5 import CROSS_ATTENTION_CACHE, T5, EncoderOutputs
 
 Array = jax.Array
@@ -38,7 +42,9 @@ class DecodeResult:
     """tokens: `[batch, length]` (greedy, sampling) or `[batch, beams, length]` (beam search,
     best first). scores: `[batch]` sum of token log-probabilities (greedy, sampling) or
     `[batch, beams]` length-normalised beam scores. token_log_probs: `[batch, length]` model
-    log-probability of each chosen token (0 after eos); None for beam search."""
+    log-probability of each chosen token (0 after eos); None for beam search. With
+    `normalize=False` the "log-probabilities" are the model's scores as is (SurfaceFusion's
+    fused score)."""
 
     tokens: Array
     scores: Array
@@ -110,6 +116,12 @@ def _sample(rng: Array, logits: Array) -> Array:
     return jnp.sum(cdf <= threshold, axis=-1)
 
 
+def _log_probs(outputs: Array, normalize: bool) -> Array:
+    """float32 per-token log-probabilities: `log_softmax(outputs)`, or `outputs` as is."""
+    outputs = outputs.astype(jnp.float32)
+    return jax.nn.log_softmax(outputs, axis=-1) if normalize else outputs
+
+
 def sample_or_greedy(
     tokens_to_logits: TokensToLogits,
     cache: Cache,
@@ -123,11 +135,15 @@ def sample_or_greedy(
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
+    normalize: bool = True,
 ) -> DecodeResult:
     """Greedy decoding when `rng` is None, else sampling from the filtered distribution.
 
     Stops early when every row has produced eos. Scores are the model's own log-probabilities
-    (before temperature and filtering), so they are comparable across settings.
+    (before temperature and filtering), so they are comparable across settings:
+    `log_softmax(logits)`, or with `normalize=False` the model's outputs as is (log-probability
+    scores such as SurfaceFusion's, which need not be normalised). The draw is from the
+    filtered `softmax(outputs / temperature)` either way.
     """
 
     def cond(state):
@@ -137,7 +153,7 @@ def sample_or_greedy(
     def body(state):
         step, last_tokens, tokens, log_probs_out, done, cache, rng = state
         logits, cache = tokens_to_logits(last_tokens, cache, step)
-        log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        log_probs = _log_probs(logits, normalize)
         if rng is None:
             next_tokens = jnp.argmax(logits, axis=-1)
         else:
@@ -177,8 +193,13 @@ def beam_search(
     pad_id: int = 0,
     length_penalty: float = 1.0,
     stop_bound: str = "current_length",
+    normalize: bool = True,
 ) -> DecodeResult:
     """Beam search over a cache laid out `[batch * num_beams, ...]` (beams of a row adjacent).
+
+    A token's log-probability is `log_softmax(logits)`, or with `normalize=False` the model's
+    output as is (SurfaceFusion's fused score, as the reference's beam search uses it): beams
+    are ranked by, and scored with, the sum of those.
 
     Hugging Face's algorithm, so that the same model gives the same beams: each step keeps
     the 2k best continuations, finished ones (eos, or the last step) enter the finished pool
@@ -210,7 +231,7 @@ def beam_search(
             step == 0, start_id, running_seqs[:, :, jnp.maximum(step - 1, 0)]
         ).reshape(-1)
         logits, cache = tokens_to_logits(last_tokens.astype(jnp.int32), cache, step)
-        log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        log_probs = _log_probs(logits, normalize)
         vocab = log_probs.shape[-1]
         log_probs = log_probs.reshape(batch_size, k, vocab) + running_scores[:, :, None]
         top_scores, top_indices = jax.lax.top_k(
@@ -384,6 +405,8 @@ def predict_batch(
         cache = _repeat_cache_rows(cache, repeated_shapes, rows)
     tokens_to_logits = step_over(encoder_outputs)
     ids = dict(start_id=cfg.decoder_start_id, eos_id=cfg.eos_id, pad_id=cfg.pad_id)
+    # SurfaceFusion "hard"/"gate": rank by the fused score as is (METHODS.md section 3).
+    normalize = not scores_used_as_is(model)
     if config.method == "beam":
         return beam_search(
             tokens_to_logits,
@@ -394,6 +417,7 @@ def predict_batch(
             config.max_decode_length,
             length_penalty=config.length_penalty,
             stop_bound=config.stop_bound,
+            normalize=normalize,
             **ids,
         )
     if config.method == "sample" and rng is None:
@@ -407,6 +431,7 @@ def predict_batch(
         temperature=config.temperature,
         top_k=config.top_k,
         top_p=config.top_p,
+        normalize=normalize,
         **ids,
     )
 

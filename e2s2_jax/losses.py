@@ -1,5 +1,6 @@
-"""Pure loss functions: token cross-entropy with z-loss and label smoothing, masked means, and
-E2S2's contrastive NT-Xent.
+"""Pure loss functions: token cross-entropy with z-loss and label smoothing, the label-smoothed
+NLL of log-probability scores used as is (SurfaceFusion), masked means, and E2S2's contrastive
+NT-Xent.
 
 Shapes: `logits` is `[..., vocab]` (float32 is expected), `targets` and `weights` are `[...]`.
 Losses are returned as sums with the matching weight sum, so that callers (gradient
@@ -134,6 +135,45 @@ def cross_entropy_with_logits(
         jnp.sum(token_z_loss * weights),
         jnp.sum(weights),
     )
+
+
+def label_smoothed_nll(
+    scores: Array,
+    targets: Array,
+    weights: Array | None,
+    *,
+    label_smoothing: float = 0.0,
+) -> tuple[Array, Array, Array]:
+    """Weighted token NLL of log-probability scores used as is, never renormalised: fairseq's
+    `label_smoothed_nll_loss` (v0.9.0, the version the SurfaceFusion reference runs on).
+
+    Per token, with `eps = label_smoothing` and `V` the vocabulary size:
+    `(1 - eps) * -scores[target] + eps / V * -sum_v scores[v]`. Unlike
+    `cross_entropy_with_logits` there is no `logsumexp` (SurfaceFusion's "hard"/"gate" scores,
+    `models/fusion.py`, are not a softmax's logits: their `exp` sums to at most 1), so no
+    z-loss, and no entropy of the smoothed targets is subtracted (fairseq's value; t5x's
+    smoothing puts `eps / (V - 1)` on each non-target token instead of `eps / V` on every one).
+
+    Args:
+      scores: `[..., vocab]` log-probability scores (cast to float32).
+      targets: `[...]` int target ids.
+      weights: `[...]` loss weights (0 at padding), or None for all ones.
+      label_smoothing: fairseq's epsilon.
+
+    Returns:
+      `(loss_sum, z_loss_sum, weight_sum)` as `cross_entropy_with_logits`, float32 scalars;
+      `z_loss_sum` is always 0.
+    """
+    scores = scores.astype(jnp.float32)
+    vocab_size = scores.shape[-1]
+    target_scores = jnp.take_along_axis(scores, targets.astype(jnp.int32)[..., None], -1)[..., 0]
+    token_loss = -(1.0 - label_smoothing) * target_scores
+    if label_smoothing:
+        token_loss = token_loss - label_smoothing / vocab_size * jnp.sum(scores, axis=-1)
+    if weights is None:
+        weights = jnp.ones(targets.shape, jnp.float32)
+    weights = weights.astype(jnp.float32)
+    return jnp.sum(token_loss * weights), jnp.zeros((), jnp.float32), jnp.sum(weights)
 
 
 def masked_mean(values: Array, mask: Array, axis: int | tuple[int, ...] | None = None) -> Array:

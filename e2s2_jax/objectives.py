@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from e2s2_jax import losses
-from e2s2_jax.models import heads
+from e2s2_jax.models import fusion, heads
 
 PyTree = Any
 Batch = Mapping[str, jax.Array]
@@ -84,9 +84,37 @@ def target_weights(batch: Batch) -> jax.Array:
     return (batch["decoder_target_tokens"] != 0).astype(jnp.float32)
 
 
+def decoder_nll(
+    model: nn.Module,
+    outputs: jax.Array,
+    targets: jax.Array,
+    weights: jax.Array,
+    *,
+    z_loss: float,
+    label_smoothing: float,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`(loss_sum, z_loss_sum, weight_sum)` of the decoder's outputs against `targets`.
+
+    Logits (any plain model, SurfaceFusion "soft"/"postnorm", or "hard"/"gate" with
+    `SurfaceFusion.renormalize = True`): t5x's cross-entropy with z-loss and label smoothing
+    (`losses.cross_entropy_with_logits`). SurfaceFusion "hard"/"gate" scores
+    (`fusion.scores_used_as_is`): minus the score at the target, as is, with fairseq's label
+    smoothing and no z-loss (`losses.label_smoothed_nll`; METHODS.md section 3).
+    """
+    if fusion.scores_used_as_is(model):
+        return losses.label_smoothed_nll(outputs, targets, weights, label_smoothing=label_smoothing)
+    return losses.cross_entropy_with_logits(
+        outputs, targets, weights, z_loss=z_loss, label_smoothing=label_smoothing
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class Seq2SeqObjective:
     """Decoder cross-entropy per weighted target token, with t5x's z-loss and label smoothing.
+
+    With a SurfaceFusion "hard" or "gate" output layer (unless `SurfaceFusion.renormalize`), the
+    reference's loss instead: minus the fused score at the target, used as is, with fairseq's
+    label smoothing and no z-loss (`decoder_nll`); `cross_entropy` then reports that NLL.
 
     Metrics: `loss` (cross-entropy + z-loss, the optimised value), `cross_entropy`, `z_loss`,
     `weight_sum` (target tokens in the global batch).
@@ -100,7 +128,8 @@ class Seq2SeqObjective:
 
     def __call__(self, model, params, batch, normalizers, dropout_rng):
         logits = apply_seq2seq(model, params, batch, dropout_rng)
-        loss_sum, z_sum, _ = losses.cross_entropy_with_logits(
+        loss_sum, z_sum, _ = decoder_nll(
+            model,
             logits,
             batch["decoder_target_tokens"],
             target_weights(batch),
@@ -131,7 +160,8 @@ class E2S2Objective:
     pass over view N). A term whose weight is 0 is not computed.
 
     - NLL: decoder cross-entropy per weighted target token (both views share the targets), with
-      t5x's z-loss and label smoothing as `Seq2SeqObjective`.
+      t5x's z-loss and label smoothing as `Seq2SeqObjective` (and, as there, the reference's
+      NLL of the fused score for a SurfaceFusion "hard"/"gate" model: `decoder_nll`).
     - denoise: cross-entropy of the `denoise_head` model head (`heads.DenoisingHead`) against
       `encoder_noise_labels` over view N's non-pad positions.
     - contrast: symmetric NT-Xent (`losses.nt_xent`) between the L2-normalised masked mean
@@ -256,7 +286,8 @@ class E2S2Objective:
         ):
             if weight == 0:
                 continue
-            loss_sum, z_sum, _ = losses.cross_entropy_with_logits(
+            loss_sum, z_sum, _ = decoder_nll(
+                model,
                 view_rows(logits, view),
                 batch["decoder_target_tokens"],
                 target_weights(batch),

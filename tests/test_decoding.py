@@ -233,3 +233,89 @@ def test_inverse_cdf_sampler_edges_draw_the_first_and_last_token_with_mass(
     logits = jnp.asarray([[decoding.NEG_INF, 0.5, -1.0, 2.0, decoding.NEG_INF]] * 2)
     tokens = decoding._sample(jax.random.PRNGKey(0), logits)
     np.testing.assert_array_equal(np.asarray(tokens), [expected, expected])
+
+
+def markov_scores(seed: int, length: int = 3, vocab: int = 4):
+    """Per-step scores `[length, vocab (previous token), vocab]` of a chain whose step-t scores
+    depend on the previous token only (start id 0). Unnormalised like SurfaceFusion's hard
+    fusion: `log_softmax(x) - c` with `c >= 0` per (step, previous token), so each row's `exp`
+    sums to at most 1. Token 0 (pad) is never chosen."""
+    rng = np.random.RandomState(seed)
+    x = rng.randn(length, vocab, vocab) * 1.5
+    x[..., 0] = -1e4
+    log_probs = x - np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1, keepdims=True))
+    log_probs -= x.max(-1, keepdims=True)
+    return (log_probs - rng.uniform(0, 2, (length, vocab, 1))).astype(np.float32)
+
+
+def exhaustive_best(scores, eos_id: int = 1):
+    """The best sequence (ending at eos, or at the length limit) by the summed scores, and the
+    sum of any sequence, by enumeration (float64)."""
+    import itertools
+
+    length, vocab = scores.shape[0], scores.shape[-1]
+
+    def total(seq):
+        previous, value = 0, 0.0
+        for step, token in enumerate(seq):
+            value += float(scores[step, previous, token])
+            previous = token
+        return value
+
+    candidates = [
+        seq
+        for n in range(1, length + 1)
+        for seq in itertools.product(range(1, vocab), repeat=n)
+        if (seq[-1] == eos_id or n == length) and eos_id not in seq[:-1]
+    ]
+    return max(candidates, key=total), total
+
+
+def test_beam_search_and_greedy_rank_by_unnormalised_scores_as_is():
+    """`normalize=False` (SurfaceFusion hard/gate): beam search returns the sequence with the
+    best sum of the scores as is (found by enumeration; 8 beams keep every prefix, so the
+    search is exact) and that sum as its score; `normalize=True` the best by the sum of their
+    log_softmax, a different sequence here (the per-prefix offsets `c` change the ranking).
+    Greedy and sampling report the raw score of each chosen token. Tolerance: 4 float32 ulps of
+    the summed magnitudes (3 terms)."""
+    raw = markov_scores(seed=17)  # Best: (2, eos) as is, (3, 2, eos) renormalised.
+    normalized = raw - np.log(np.exp(raw.astype(np.float64)).sum(-1, keepdims=True))
+    eps32 = np.finfo(np.float32).eps
+
+    def tokens_to_logits(table):
+        table = jnp.asarray(table)
+        return lambda tokens, cache, step: (table[step, tokens], cache)
+
+    bests = {}
+    for normalize, reference in ((False, raw), (True, normalized)):
+        result = decoding.beam_search(
+            tokens_to_logits(raw),
+            lambda cache, indices: cache,
+            None,
+            batch_size=1,
+            num_beams=8,
+            max_decode_length=3,
+            length_penalty=0.0,
+            stop_bound="max_length",
+            normalize=normalize,
+        )
+        best, total = exhaustive_best(reference)
+        bests[normalize] = best
+        assert tuple(t for t in np.asarray(result.tokens[0, 0]) if t) == best
+        tol = 4 * eps32 * np.abs(reference[..., 1:]).max() * 3
+        np.testing.assert_allclose(float(result.scores[0, 0]), total(best), rtol=0, atol=tol)
+        for beam, score in zip(
+            np.asarray(result.tokens[0]), np.asarray(result.scores[0]), strict=True
+        ):
+            if score > -1e8:  # A finished beam: its score is its tokens' summed score.
+                seq = tuple(t for t in beam if t)
+                np.testing.assert_allclose(score, total(seq), rtol=0, atol=tol)
+    assert bests[False] != bests[True]
+
+    for rng in (None, jax.random.PRNGKey(0)):
+        result = sample_or_greedy(tokens_to_logits(raw), None, 4, 3, rng=rng, normalize=False)
+        tokens = np.asarray(result.tokens)
+        previous = np.concatenate([np.zeros((4, 1), int), tokens[:, :-1]], 1)
+        expected = raw[np.arange(3)[None], previous, tokens]
+        after_eos = np.cumsum(np.cumsum(tokens == 1, 1), 1) > 1
+        np.testing.assert_array_equal(result.token_log_probs, np.where(after_eos, 0, expected))

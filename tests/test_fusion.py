@@ -1,8 +1,10 @@
-"""SurfaceFusion and the EncoderFusion baselines: formulas against NumPy, stop-gradients, the
-zero-init identity, cached decoding, Gin files, and a tiny model that learns with each."""
+"""SurfaceFusion and the EncoderFusion baselines: formulas against NumPy, the loss on the fused
+score (value and gradient) and decoding's scores, stop-gradients, the zero-init identity,
+cached decoding, Gin files, and a tiny model that learns with each."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import gzip
 import re
@@ -16,6 +18,7 @@ import pytest
 from decode_helpers import beam_search_shared_and_repeated, cached_decoder_steps, uncached_greedy
 from flax import linen as nn
 from flax import traverse_util
+from test_losses import reference_cross_entropy
 
 from e2s2_jax.decoding import DecodeConfig, make_predict_fn
 from e2s2_jax.models.fusion import (
@@ -23,10 +26,13 @@ from e2s2_jax.models.fusion import (
     ResidualFeedForward,
     SurfaceFusion,
     fuse_log_probs,
+    scores_used_as_is,
 )
 from e2s2_jax.models.t5 import ENCODER_FUSIONS, T5, T5Config
+from e2s2_jax.objectives import E2S2Objective, Seq2SeqObjective
 
 REPO = Path(__file__).resolve().parents[1]
+EPS32 = float(np.finfo(np.float32).eps)  # 2**-23: one float32 ulp at 1.
 BASELINES = tuple(f for f in ENCODER_FUSIONS if f != "none")
 TINY = T5Config(
     vocab_size=50,
@@ -176,6 +182,249 @@ def test_unknown_mode_is_rejected():
         init_params(T5(TINY, encoder_fusion="dense"), tokens(0), tokens(1, (3, 4)))
 
 
+# ----------------------------------------------------------------------------- the loss
+
+
+def np_fused_loss_and_grads(
+    mode, z_dec, z_src, gate_logit, targets, weights, *, lam, renormalize, label_smoothing, z_loss
+):
+    """The objective's loss on the fused score, and its gradients wrt `z_dec`, `z_src` and (gate)
+    the gate logit, in float64 NumPy. `renormalize=False` is the reference's (fairseq v0.9.0
+    `label_smoothed_nll_loss` on the score as is): per token `(1 - eps) * -fused[y] + eps / V *
+    -sum(fused)`; True is t5x's softmax cross-entropy of the score as logits (smoothing
+    `eps / (V - 1)` on the non-targets, its entropy subtracted) plus `z_loss * logsumexp**2`.
+    The loss is the weighted mean over tokens."""
+    vocab = z_dec.shape[-1]
+    lsm_dec, lsm_src = np_log_softmax(z_dec), np_log_softmax(z_src)
+    g = np.full(z_dec.shape[:-1], lam) if mode == "hard" else 1 / (1 + np.exp(-gate_logit))
+    fused = g[..., None] * lsm_dec + (1 - g[..., None]) * lsm_src
+    one_hot = np.eye(vocab)[targets]
+    if not renormalize:
+        eps = label_smoothing
+        token = -(1 - eps) * (one_hot * fused).sum(-1) - eps / vocab * fused.sum(-1)
+        d_fused = -(1 - eps) * one_hot - eps / vocab  # d token / d fused
+    else:
+        confidence, low = 1 - label_smoothing, label_smoothing / (vocab - 1)
+        soft = low + (confidence - low) * one_hot
+        entropy = -(confidence * np.log(confidence) + (vocab - 1) * low * np.log(low + 1e-20))
+        top = fused.max(-1, keepdims=True)
+        log_z = np.log(np.exp(fused - top).sum(-1, keepdims=True)) + top
+        q = np.exp(fused - log_z)
+        token = -(soft * (fused - log_z)).sum(-1) + z_loss * log_z[..., 0] ** 2 - entropy
+        d_fused = q * soft.sum(-1, keepdims=True) - soft + 2 * z_loss * log_z * q
+    scale = weights[..., None] / weights.sum()
+    d_fused = d_fused * scale
+    total = d_fused.sum(-1, keepdims=True)
+    # fused = g lsm(z_dec) + (1 - g) lsm(z_src): d lsm(z)_u / d z_v = delta_uv - softmax(z)_v.
+    grads = {
+        "z_dec": g[..., None] * (d_fused - np.exp(lsm_dec) * total),
+        "z_src": (1 - g[..., None]) * (d_fused - np.exp(lsm_src) * total),
+    }
+    if mode == "gate":
+        grads["gate_logit"] = (d_fused * (lsm_dec - lsm_src)).sum(-1) * g * (1 - g)
+    return (token * weights).sum() / weights.sum(), grads
+
+
+@dataclasses.dataclass(frozen=True)
+class FusedScoresModel:
+    """Stands in for a T5 with a SurfaceFusion output layer, for the objectives: its "params"
+    are the two paths' logits `[batch, length, vocab]` (and, for "gate", the gate logit
+    `[batch, length]`), and `apply` returns their fused score, so that gradients wrt them come
+    through the production objective and loss."""
+
+    mode: str
+    renormalize: bool = False
+    lam: float = 0.8
+
+    config = TINY
+
+    @property
+    def output_layer_factory(self):
+        return functools.partial(
+            SurfaceFusion, mode=self.mode, lam=self.lam, renormalize=self.renormalize
+        )
+
+    def apply(self, variables, *args, **kwargs):
+        p = variables["params"]
+        gate = jax.nn.sigmoid(p["gate_logit"]) if self.mode == "gate" else None
+        return fuse_log_probs(self.mode, p["z_dec"], p["z_src"], lam=self.lam, gate=gate)
+
+
+def objective_loss_and_grads(model, params, targets, weights, label_smoothing, z_loss):
+    objective = Seq2SeqObjective(z_loss=z_loss, label_smoothing=label_smoothing)
+    batch = {
+        "encoder_input_tokens": jnp.ones(targets.shape, jnp.int32),
+        "decoder_input_tokens": jnp.zeros(targets.shape, jnp.int32),
+        "decoder_target_tokens": jnp.asarray(targets, jnp.int32),
+        "decoder_loss_weights": jnp.asarray(weights, jnp.float32),
+    }
+    normalizers = objective.normalizers(batch)
+
+    def loss(params):
+        return objective(model, params, batch, normalizers, None)
+
+    (value, metrics), grads = jax.value_and_grad(loss, has_aux=True)(params)
+    return value, metrics, grads
+
+
+@pytest.mark.parametrize("renormalize", [False, True])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("mode", ["hard", "gate"])
+def test_fused_loss_value_and_gradient_match_numpy(mode, label_smoothing, renormalize):
+    """Seq2SeqObjective on hard/gate fused scores: by default the reference's NLL of the score as
+    is (no z-loss: the `z_loss` metric is 0), with `renormalize=True` the softmax cross-entropy
+    of the score (with z-loss); value and gradients wrt z_dec, z_src and the gate logit against
+    float64 NumPy.
+
+    Tolerances: the inputs are float32 numbers (the reference starts from the same values), so
+    only float32 rounding inside the objective differs. Every per-token term is computed from
+    log-softmaxes whose entries are accurate to a few ulps of `scale = max|z| + log V` (the
+    logsumexp's magnitude), and the smoothing's `eps / V * sum` over V entries stays within
+    `eps * V` such ulps; the gradient entries are differences of such probabilities times <= 1.
+    32 ulps of `scale` (per unit weight) bounds both with a margin of ~4x over the measured."""
+    rng = np.random.RandomState(0)
+    shape = (3, 5, 97)
+    z_dec, z_src = (rng.randn(2, *shape) * 3).astype(np.float32)
+    gate_logit = rng.randn(*shape[:2]).astype(np.float32)
+    targets = rng.randint(0, shape[-1], shape[:2])
+    weights = (rng.rand(*shape[:2]) > 0.3).astype(np.float32)
+    z_loss, lam = 0.05, 0.7
+    params = {"z_dec": jnp.asarray(z_dec), "z_src": jnp.asarray(z_src)}
+    if mode == "gate":
+        params["gate_logit"] = jnp.asarray(gate_logit)
+    model = FusedScoresModel(mode, renormalize=renormalize, lam=lam)
+    assert scores_used_as_is(model) == (not renormalize)
+    value, metrics, grads = objective_loss_and_grads(
+        model, params, targets, weights, label_smoothing, z_loss
+    )
+    f64 = functools.partial(np.asarray, dtype=np.float64)
+    want, want_grads = np_fused_loss_and_grads(
+        mode,
+        f64(z_dec),
+        f64(z_src),
+        f64(gate_logit),
+        targets,
+        f64(weights),
+        lam=lam,
+        renormalize=renormalize,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+    )
+    scale = max(np.abs(z_dec).max(), np.abs(z_src).max()) + np.log(shape[-1])
+    tol = 32 * EPS32 * scale
+    np.testing.assert_allclose(float(value), want, rtol=0, atol=tol)
+    assert sorted(grads) == sorted(want_grads)
+    for name, grad in grads.items():
+        np.testing.assert_allclose(
+            np.asarray(grad, np.float64),
+            want_grads[name],
+            rtol=0,
+            atol=tol / weights.sum(),
+            err_msg=name,
+        )
+    if renormalize:
+        assert float(metrics["z_loss"]) > 0
+    else:
+        assert float(metrics["z_loss"]) == 0.0
+        np.testing.assert_allclose(float(metrics["cross_entropy"]), want, rtol=0, atol=tol)
+
+
+@pytest.mark.parametrize("renormalize", [False, True])
+def test_fused_loss_gradients_on_the_issue_example(renormalize):
+    """p_dec(y) = 0.9 (the rest spread evenly over a vocabulary of 8192), a uniform source
+    path, lam = 0.8: the reference's loss `-(0.8 log p_dec(y) + 0.2 log p_src(y))` gives
+    d/dz_dec[y] = -0.8 (1 - 0.9) = -0.08 and d/dz_src[y] = -0.2 (1 - 1/V) = -0.19998; the
+    renormalised cross-entropy, with q = softmax(fused), lam (q_y - 1) = -0.409 and
+    (1 - lam) (q_y - 1) = -0.102. Tolerance: 32 float32 ulps of log V (the logsumexp's scale)."""
+    vocab, y = 8192, 5
+    z_dec = np.full((1, 1, vocab), np.log(0.1 / (vocab - 1)), np.float32)
+    z_dec[..., y] = np.log(0.9)
+    z_src = np.zeros((1, 1, vocab), np.float32)
+    params = {"z_dec": jnp.asarray(z_dec), "z_src": jnp.asarray(z_src)}
+    model = FusedScoresModel("hard", renormalize=renormalize, lam=0.8)
+    targets, weights = np.full((1, 1), y), np.ones((1, 1), np.float32)
+    _, _, grads = objective_loss_and_grads(model, params, targets, weights, 0.0, 0.0)
+    _, want = np_fused_loss_and_grads(
+        "hard",
+        z_dec.astype(np.float64),
+        z_src.astype(np.float64),
+        None,
+        targets,
+        weights,
+        lam=0.8,
+        renormalize=renormalize,
+        label_smoothing=0.0,
+        z_loss=0.0,
+    )
+    tol = 32 * EPS32 * np.log(vocab)
+    for name in ("z_dec", "z_src"):
+        np.testing.assert_allclose(grads[name][0, 0], want[name][0, 0], rtol=0, atol=tol)
+    got = (float(grads["z_dec"][0, 0, y]), float(grads["z_src"][0, 0, y]))
+    if renormalize:
+        np.testing.assert_allclose(got, (-0.409, -0.102), atol=1e-3)
+    else:
+        np.testing.assert_allclose(got, (-0.08, -0.2 * (1 - 1 / vocab)), rtol=0, atol=tol)
+
+
+@pytest.mark.parametrize("mode", FUSION_MODES)
+def test_objectives_on_a_fusion_model_use_its_score(mode):
+    """The real model: Seq2SeqObjective's loss (z-loss and smoothing on) is the NumPy reference
+    on the model's own fused output (NLL of the score as is for hard/gate, the softmax
+    cross-entropy for soft/postnorm and with `renormalize`), and E2S2Objective's NLL of view N
+    is the same loss. Tolerance: 64 float32 ulps of the scores' scale (one model pass in
+    float32, recomputed by each objective)."""
+    encoder_tokens, decoder_tokens = tokens(10), tokens(11, (3, 6), pad_from=4)
+    batch = {
+        "encoder_input_tokens": encoder_tokens,
+        "decoder_input_tokens": jnp.concatenate(
+            [jnp.zeros((3, 1), jnp.int32), decoder_tokens[:, :-1]], 1
+        ),
+        "decoder_target_tokens": decoder_tokens,
+    }
+    for renormalize in (False, True):
+        model = fusion_model(mode=mode, lam=0.7, renormalize=renormalize)
+        params = init_params(model, encoder_tokens, decoder_tokens)
+        params = randomize(params, ("output_layer", "residual_ffn", "wo", "kernel"), seed=1)
+        as_is = mode in ("hard", "gate") and not renormalize
+        assert scores_used_as_is(model) == as_is
+        fused = np.asarray(
+            model.apply(
+                {"params": params}, encoder_tokens, batch["decoder_input_tokens"], decoder_tokens
+            ),
+            np.float64,
+        )
+        weights = np.asarray(decoder_tokens != 0, np.float64)
+        targets = np.asarray(decoder_tokens)
+        vocab = fused.shape[-1]
+        if as_is:
+            eps = 0.1
+            picked = np.take_along_axis(fused, targets[..., None], -1)[..., 0]
+            token = -(1 - eps) * picked - eps / vocab * fused.sum(-1)
+            want = (token * weights).sum() / weights.sum()
+        else:
+            loss_sum, _, weight_sum = reference_cross_entropy(fused, targets, weights, 1e-4, 0.1)
+            want = loss_sum / weight_sum
+        objective = Seq2SeqObjective(z_loss=1e-4, label_smoothing=0.1)
+        loss, metrics = objective(model, params, batch, objective.normalizers(batch), None)
+        tol = 64 * EPS32 * (np.abs(fused).max() + np.log(vocab))
+        np.testing.assert_allclose(float(loss), want, rtol=0, atol=tol)
+        if as_is:  # No z-loss on the unnormalised score.
+            assert float(metrics["z_loss"]) == 0.0
+        elif mode in ("hard", "gate"):  # The renormalised cross-entropy keeps t5x's z-loss.
+            assert float(metrics["z_loss"]) > 0
+        e2s2 = E2S2Objective(
+            nll_noised_weight=1.0,
+            nll_masked_weight=0.0,
+            denoise_weight=0.0,
+            contrast_weight=0.0,
+            z_loss=1e-4,
+            label_smoothing=0.1,
+        )
+        e2s2_batch = {**batch, "encoder_input_tokens_noised": encoder_tokens}
+        e2s2_loss, _ = e2s2(model, params, e2s2_batch, e2s2.normalizers(e2s2_batch), None)
+        np.testing.assert_allclose(float(e2s2_loss), float(loss), rtol=0, atol=tol)
+
+
 # ----------------------------------------------------------------------------- gradients
 
 
@@ -304,6 +553,65 @@ def test_beam_search_and_greedy_run_with_fusion(mode):
     reference, _ = uncached_greedy(model, params, encoder_tokens, 8)
     ended = np.cumsum(np.cumsum(reference == 1, 1), 1) > 1
     np.testing.assert_array_equal(greedy.tokens, np.where(ended, 0, reference))
+
+
+def chosen_scores(model, params, encoder_tokens, chosen):
+    """Per-step scores (float64) of the tokens `chosen` `[rows, length]` for the encoder input
+    rows `encoder_tokens` `[rows, ...]`, from one teacher-forced full-decoder pass: the fused
+    score as is, and its log_softmax, both `[rows, length]` with 0 after the first eos."""
+    decoder = jnp.concatenate([jnp.zeros((chosen.shape[0], 1), jnp.int32), chosen[:, :-1]], 1)
+    fused = np.asarray(model.apply({"params": params}, encoder_tokens, decoder), np.float64)
+    chosen = np.asarray(chosen)
+    after_eos = np.cumsum(np.cumsum(chosen == 1, 1), 1) > 1
+    return tuple(
+        np.where(after_eos, 0.0, np.take_along_axis(scores, chosen[..., None], -1)[..., 0])
+        for scores in (fused, np_log_softmax(fused))
+    )
+
+
+@pytest.mark.parametrize("mode,renormalize", [("hard", False), ("gate", False), ("hard", True)])
+def test_decoding_scores_are_the_fused_scores_as_is(mode, renormalize):
+    """hard/gate decoding ranks by the fused score as is (by default): each beam's score (no
+    length penalty) is the sum of the fused scores of its tokens, recomputed by a full decoder
+    pass, and greedy's and sampling's per-token scores are the fused scores of the chosen
+    tokens; with `renormalize=True`, the same with `log_softmax(fused)`. The two differ by the
+    summed `logsumexp(fused) < 0` (asserted well above the tolerance). Tolerance: 64 float32
+    ulps of the summed magnitudes (cached decoding against the full decoder, both float32; the
+    measured differences are below 8)."""
+    model = fusion_model(mode=mode, lam=0.6, renormalize=renormalize)
+    encoder_tokens = tokens(12)
+    params = init_params(model, encoder_tokens, encoder_tokens[:, :4])
+    params = randomize(params, ("output_layer", "residual_ffn", "wo", "kernel"), seed=3, scale=1.0)
+    if mode == "gate":  # Gates spread around 0.5, not saturated.
+        params = randomize(params, ("output_layer", "gate", "decoder_weights"), seed=4, scale=0.05)
+    beam = make_predict_fn(
+        model,
+        DecodeConfig(
+            "beam", max_decode_length=8, num_beams=3, length_penalty=0.0, stop_bound="max_length"
+        ),
+    )(params, encoder_tokens)
+    greedy = make_predict_fn(model, DecodeConfig("greedy", max_decode_length=8))(
+        params, encoder_tokens
+    )
+    # Sampling scores as greedy does (`decoding._log_probs`); one mode checks it here.
+    sample = greedy
+    if (mode, renormalize) == ("hard", False):
+        sample = make_predict_fn(model, DecodeConfig("sample", max_decode_length=8))(
+            params, encoder_tokens, jax.random.PRNGKey(0)
+        )
+    # All 15 decoded rows (3 beams of each of the 3 inputs, greedy's, sampling's) in one pass.
+    chosen = jnp.concatenate([beam.tokens.reshape(9, 8), greedy.tokens, sample.tokens])
+    inputs = jnp.concatenate(
+        [jnp.repeat(encoder_tokens, 3, axis=0), encoder_tokens, encoder_tokens]
+    )
+    as_is, renormalized = chosen_scores(model, params, inputs, chosen)
+    steps, other = (renormalized, as_is) if renormalize else (as_is, renormalized)
+    tol = 64 * EPS32 * np.abs(steps).sum(1).max()
+    np.testing.assert_allclose(beam.scores.reshape(9), steps[:9].sum(1), rtol=0, atol=tol)
+    assert np.all(np.abs(other[:9].sum(1) - steps[:9].sum(1)) > 100 * tol)
+    for result, rows in ((greedy, steps[9:12]), (sample, steps[12:])):
+        np.testing.assert_allclose(result.token_log_probs, rows, rtol=0, atol=tol)
+        np.testing.assert_allclose(result.scores, rows.sum(1), rtol=0, atol=tol)
 
 
 @pytest.mark.parametrize("mode", ["hard", "gate"])

@@ -1,11 +1,12 @@
-"""Cross-entropy (z-loss, label smoothing) and masked means against NumPy references."""
+"""Cross-entropy (z-loss, label smoothing), the label-smoothed NLL of scores used as is, and
+masked means against NumPy references."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from e2s2_jax.losses import cross_entropy_with_logits, masked_mean
+from e2s2_jax.losses import cross_entropy_with_logits, label_smoothed_nll, masked_mean
 
 
 def reference_cross_entropy(logits, targets, weights, z_loss, label_smoothing):
@@ -109,6 +110,65 @@ def test_gradient_of_weighted_sum_matches_autodiff_reference():
         )[0]
     )(logits)
     np.testing.assert_allclose(ours, jax.grad(autodiff_reference)(logits), rtol=1e-5, atol=1e-6)
+
+
+def fairseq_label_smoothed_nll(scores, targets, weights, epsilon):
+    """fairseq v0.9.0's `label_smoothed_nll_loss` (the SurfaceFusion reference's fairseq) on
+    `lprobs = scores` as is, weighted, in float64 NumPy, and its gradient wrt the scores."""
+    scores = scores.astype(np.float64)
+    vocab = scores.shape[-1]
+    nll_loss = -np.take_along_axis(scores, targets[..., None], -1)[..., 0]
+    smooth_loss = -scores.sum(-1)
+    eps_i = epsilon / vocab
+    loss = (1.0 - epsilon) * nll_loss + eps_i * smooth_loss
+    one_hot = np.eye(vocab)[targets]
+    grad = weights[..., None] * (-(1.0 - epsilon) * one_hot - eps_i)
+    return (loss * weights).sum(), weights.sum(), grad
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_label_smoothed_nll_matches_fairseq_on_unnormalised_scores(label_smoothing):
+    """Value and gradient against fairseq's formula, on scores whose exp sums to less than 1
+    (SurfaceFusion's hard fusion of two log-softmaxes): no logsumexp, no z-loss. Tolerance: the
+    scores are float32 numbers; float32 rounding of the weighted sums stays within a few ulps
+    per term, so 8 ulps of the summed magnitude of the terms bound the value; the gradient is
+    exact up to one rounding of `eps / V` and of each product (2 ulps of 1)."""
+    rng = np.random.default_rng(3)
+    vocab = 11
+    z_dec, z_src = rng.normal(size=(2, 3, 5, vocab)) * 3
+
+    def log_softmax(x):
+        x = x - x.max(-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+    scores = (0.8 * log_softmax(z_dec) + 0.2 * log_softmax(z_src)).astype(np.float32)
+    assert np.all(np.exp(scores.astype(np.float64)).sum(-1) < 1)
+    targets = rng.integers(0, vocab, size=(3, 5)).astype(np.int32)
+    weights = (rng.random((3, 5)) > 0.3).astype(np.float32)
+
+    def loss(s):
+        return label_smoothed_nll(
+            s, jnp.asarray(targets), jnp.asarray(weights), label_smoothing=label_smoothing
+        )
+
+    loss_sum, z_sum, weight_sum = loss(jnp.asarray(scores))
+    grad = jax.grad(lambda s: loss(s)[0])(jnp.asarray(scores))
+    want_sum, want_weights, want_grad = fairseq_label_smoothed_nll(
+        scores, targets, weights.astype(np.float64), label_smoothing
+    )
+    eps32 = np.finfo(np.float32).eps
+    magnitude = (weights * (np.abs(scores).max(-1) * (1 + label_smoothing))).sum()
+    np.testing.assert_allclose(float(loss_sum), want_sum, rtol=0, atol=8 * eps32 * magnitude)
+    assert float(z_sum) == 0.0 and float(weight_sum) == want_weights
+    np.testing.assert_allclose(np.asarray(grad, np.float64), want_grad, rtol=0, atol=2 * eps32)
+    # Not the cross-entropy: that renormalises the scores (its logsumexp is < 0 here).
+    ce_sum, _, _ = cross_entropy_with_logits(
+        jnp.asarray(scores),
+        jnp.asarray(targets),
+        jnp.asarray(weights),
+        label_smoothing=label_smoothing,
+    )
+    assert abs(float(ce_sum) - want_sum) > 1.0
 
 
 def test_masked_mean():

@@ -8,17 +8,26 @@ and `head` the model's own output projection, then a fusion mode (`fuse_log_prob
 
 Plug it in with `T5(config, output_layer_factory=SurfaceFusion)` (or a `functools.partial` of
 it). The model then returns fused log-probability scores `[batch, length, vocab]` instead of
-logits, and every consumer treats them as logits, i.e. the model's distribution is
-`softmax(fused)`:
-- the loss (`losses.cross_entropy_with_logits`) is `-fused[target] + logsumexp(fused)`. For
-  "soft" and "postnorm" the scores are normalised log-probabilities, so `logsumexp` is 0, this
-  is exactly the cross-entropy on them, and the z-loss contributes 0. For "hard" and "gate"
-  they are the log of a geometric mixture, whose `logsumexp` is <= 0 (Hoelder): the loss is
-  the cross-entropy of the renormalised mixture, and the z-loss adds `z * logsumexp**2`, a
-  small pull towards agreement of the two distributions.
-- decoding (`e2s2_jax.decoding`) applies `log_softmax` to the scores: greedy picks the same
-  token as argmax of the raw fused score; beam search and sampling use the same renormalised
-  distribution as the loss.
+logits. As in the reference (fairseq `get_normalized_probs`), the same score is the training
+loss and the decoding score:
+- "hard" and "gate" (by default, `renormalize=False`): the score is used as is, never
+  renormalised. The loss (`losses.label_smoothed_nll`, chosen by the objectives through
+  `scores_used_as_is`) is minus the score at the target, i.e. `lam * NLL_dec + (1 - lam) *
+  NLL_src`, a weighted sum of the two paths' NLLs (each path learns the target on its own:
+  this is how the source path trains the embeddings), with fairseq's label smoothing on the
+  score. The score's `exp` sums to at most 1 (Hoelder), so it is not a softmax's logits and
+  t5x's z-loss has no meaning on it: none is added. Decoding (`e2s2_jax.decoding`) ranks by
+  the score as is: beam search sums it, greedy and sampling report it per token (greedy's
+  argmax is unchanged; sampling draws from `exp(score)` normalised, as any sampler must).
+- "hard" and "gate" with `renormalize=True` (Gin: `SurfaceFusion.renormalize = True`): the
+  score is treated as logits, as the project did before: the loss is the softmax
+  cross-entropy `-fused[target] + logsumexp(fused)` of the renormalised geometric mixture (a
+  product of experts, a different objective from the reference's; the z-loss adds `z *
+  logsumexp**2`, a pull towards agreement of the two paths) and decoding scores with
+  `log_softmax(fused)`.
+- "soft" and "postnorm" end in a `log_softmax`: their score is normalised, consumers treat it
+  as logits (cross-entropy, `log_softmax` in decoding), which leaves it unchanged (the
+  cross-entropy's `logsumexp` and z-loss are 0). `renormalize` does not apply to them.
 
 Parameters (besides the unchanged `output_layer/logits_dense/kernel` of the plain head):
 `surface_attention/{query,key,value,out}/kernel`, `residual_ffn/{wi,wo}/kernel` and, for
@@ -45,6 +54,8 @@ from e2s2_jax.models.t5 import (
 Array = jax.Array
 
 FUSION_MODES = ("hard", "soft", "postnorm", "gate")
+# The modes whose fused score is not normalised (a weighted sum of two log-softmaxes).
+UNNORMALIZED_MODES = ("hard", "gate")
 
 # The "cache" variables the surface attention projects once per decode (source keys, values).
 SURFACE_ATTENTION_CACHE = ("source_key", "source_value")
@@ -65,6 +76,9 @@ def fuse_log_probs(
     soft:     log_softmax(z_dec + log_softmax(tau * z_src))
     postnorm: log_softmax(log_softmax(z_dec) + log_softmax(tau * z_src))
     gate:     as hard, with `gate` `[...]` (per position, in (0, 1)) in place of lam.
+
+    "soft" and "postnorm" are normalised; the "hard"/"gate" score's `exp` sums to at most 1,
+    and the loss and decoding use it as is (see the module docstring).
     """
     log_softmax = jax.nn.log_softmax
     if mode == "hard":
@@ -79,6 +93,22 @@ def fuse_log_probs(
     if mode == "postnorm":
         return log_softmax(log_softmax(decoder_logits) + log_softmax(tau * source_logits))
     raise ValueError(f"SurfaceFusion mode={mode!r}: use one of {FUSION_MODES}.")
+
+
+def scores_used_as_is(model: nn.Module) -> bool:
+    """Whether `model`'s outputs are log-probability scores that the loss and decoding use as
+    is (SurfaceFusion "hard" or "gate" without `renormalize`), rather than logits to normalise
+    (any other output layer). Reads `model.output_layer_factory` (a `T5`'s; models without one
+    return logits), building an unbound output layer to see its Gin-bound settings."""
+    factory = getattr(model, "output_layer_factory", None)
+    if factory is None:
+        return False
+    layer = factory(model.config)
+    return (
+        isinstance(layer, SurfaceFusion)
+        and layer.mode in UNNORMALIZED_MODES
+        and not layer.renormalize
+    )
 
 
 class SurfaceAttention(nn.Module):
@@ -212,7 +242,11 @@ class SurfaceFusion(OutputProjection):
 
     mode: one of `FUSION_MODES`; lam: the decoder's weight in "hard"; tau: the source logits'
     temperature in "soft" and "postnorm"; attention_dropout_rate: on the surface attention
-    weights; ffn_dim: hidden width of `f` (0: `d_ff`).
+    weights; ffn_dim: hidden width of `f` (0: `d_ff`); renormalize: "hard" and "gate" only:
+    False (the reference's, default) trains and decodes on the fused score as is, True treats
+    it as logits (softmax cross-entropy with z-loss, `log_softmax` in decoding; see the module
+    docstring). The output is the same fused score either way; `scores_used_as_is` tells the
+    objectives and decoding which one to apply.
     """
 
     mode: str = "hard"
@@ -220,6 +254,7 @@ class SurfaceFusion(OutputProjection):
     tau: float = 1.0
     attention_dropout_rate: float = 0.1
     ffn_dim: int = 0
+    renormalize: bool = False
 
     @nn.compact
     def __call__(

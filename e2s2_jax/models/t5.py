@@ -790,7 +790,8 @@ class T5(nn.Module):
       `head(encoder_outputs, deterministic=...)` whose result appears in
       `intermediates["heads"][name]`. Heads run in `__call__` only (pretraining).
     output_layer_factory: builds the module mapping decoder states to logits (or to fused
-      log-probabilities, which decoding treats the same way), as `factory(config, name=...)`.
+      log-probability scores, which the loss and decoding use as `fusion.scores_used_as_is`
+      says), as `factory(config, name=...)`.
     encoder_fusion: what each decoder layer cross-attends, one of `ENCODER_FUSIONS`.
     """
 
