@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from decode_helpers import beam_search_shared_and_repeated, cached_decoder_steps, uncached_greedy
 from flax import linen as nn
+from numerics import assert_close_to_scale
 
 from e2s2_jax import decoding
 from e2s2_jax.decoding import DecodeConfig, _filter_logits, make_predict_fn, sample_or_greedy
@@ -47,7 +48,9 @@ def test_cached_step_logits_equal_full_decoder_logits(scan):
     steps, _ = cached_decoder_steps(model, params, encoder_tokens, decoder_tokens)
     for position in range(length):
         logits = steps[:, position]
-        np.testing.assert_allclose(logits, full[:, position], rtol=1e-5, atol=1e-5)
+        # One cached step against the full pass: the same sums grouped otherwise (measured
+        # 4.2 ulps under AVX2), so 16 float32 ulps of the logits' scale (tests/numerics.py).
+        assert_close_to_scale(logits, full[:, position], ulps=16)
 
 
 @pytest.mark.parametrize("scan", [False, True])
