@@ -134,7 +134,9 @@ def test_a_dead_runs_lock_is_taken_over_and_a_live_one_refused(tmp_path):
             sys.executable,
             "-c",
             "import sys, time\nfrom e2s2_jax.training.run_lock import RunLock\n"
-            f"RunLock({str(tmp_path)!r}).acquire()\nprint('locked', flush=True)\ntime.sleep(600)",
+            # Held in a name: a collected RunLock closes its file, which drops the lock.
+            f"lock = RunLock({str(tmp_path)!r})\nlock.acquire()\nprint('locked', flush=True)\n"
+            "time.sleep(600)",
         ],
         env=_env(),
         stdout=subprocess.PIPE,
