@@ -9,6 +9,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import seqio
 
 from e2s2_jax.data import preprocessors
+from e2s2_jax.data.span_corruption import check_sentinels_available
 from e2s2_jax.data.text_source import text_files_data_source
 
 FilePatterns = str | Sequence[str] | Mapping[str, str | Sequence[str]]
@@ -50,7 +51,7 @@ def objective_task(
         raise ValueError(
             f"objective={objective!r} is not one of {sorted(preprocessors.OBJECTIVES)}."
         )
-    preprocessors.check_sentinels_available(vocabulary, 1)
+    check_sentinels_available(vocabulary, 1)
     return add_task(
         name,
         source=source,
