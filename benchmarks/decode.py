@@ -56,11 +56,10 @@ TARGETS = {"greedy": 2.0, "beam": 1.5}
 
 def _params(model: T5, params_dir: str | None, seed: int):
     if params_dir:
-        from e2s2_jax.main import _restore_params
         from e2s2_jax.training import partitioning
+        from e2s2_jax.training.checkpoints import restore_params
 
-        mesh = partitioning.create_mesh(-1, 1, 1)
-        return _restore_params(params_dir, model, mesh, partitioning.LOGICAL_AXIS_RULES, None)
+        return restore_params(params_dir, model, partitioning.create_mesh(-1, 1, 1))
     import flax.linen as nn
 
     tokens = jnp.ones((1, 8), jnp.int32)

@@ -82,14 +82,14 @@ def main() -> None:
 
     import torch
 
-    from e2s2_jax.main import _restore_params
     from e2s2_jax.training import partitioning
+    from e2s2_jax.training.checkpoints import restore_params
 
     torch.set_num_threads(args.torch_threads)
     model = load_model(args.gin_file or ["gin/models/t5_1_1_tiny.gin"], args.gin_binding)
     cfg = model.config
     mesh = partitioning.create_mesh(-1, 1, 1)
-    params = _restore_params(args.generator_dir, model, mesh, partitioning.LOGICAL_AXIS_RULES, None)
+    params = restore_params(args.generator_dir, model, mesh)
     vocabulary = get_vocabulary()
     examples = _examples(args.examples, args.max_words, vocabulary, cfg.eos_id)
     budget = max(job.decode_budget(e, 3.0) for e in examples)

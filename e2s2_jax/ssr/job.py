@@ -12,20 +12,27 @@ chunk is identical to the one that was lost.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import math
 import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
 
+import flax.linen as nn
 import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
 import tensorflow as tf
 
+from e2s2_jax.console import console
+from e2s2_jax.data.text_source import read_text_documents
+from e2s2_jax.decoding import DecodeConfig, make_predict_fn
+from e2s2_jax.errors import ConfigError
 from e2s2_jax.ssr import spans
+from e2s2_jax.training import partitioning
+from e2s2_jax.training.checkpoints import restore_params
+from e2s2_jax.training.input_pipeline import get_task, lookup_vocabulary
 
 DROP_REASONS = ("sentinel_missing", "empty_fill", "truncated", "invalid_token", "too_long")
 _LENGTH_BUCKET = 32  # inputs and decode budgets round up to a multiple: few compilations
@@ -62,15 +69,9 @@ def read_documents(
     """The documents of a SeqIO task's source split (its `text_key`), or of text files (one
     document per line, plain or .gz), in a fixed order."""
     if input_files:
-        from e2s2_jax.data.text_source import read_text_documents
-
         yield from read_text_documents(list(input_files))
         return
-    import seqio
-
-    import tasks  # noqa: F401  (registers the bundled and C4 tasks)
-
-    task = seqio.get_mixture_or_task(mixture_or_task_name)
+    task = get_task(mixture_or_task_name)
     dataset = task.source.get_dataset(split=split, shuffle=False)
     for example in dataset.as_numpy_iterator():
         yield example[text_key].decode("utf-8")
@@ -220,8 +221,6 @@ class Generator:
     the mesh's batch axes, nucleus sampling with a KV cache (decoding.make_predict_fn)."""
 
     def __init__(self, model, params, mesh, rules, *, batch_size, top_p, temperature, seed):
-        from e2s2_jax.training import partitioning
-
         self.model, self.params, self.mesh, self.rules = model, params, mesh, rules
         self.batch_size, self.top_p, self.temperature = batch_size, top_p, temperature
         self.rng = jax.random.key(seed)
@@ -229,10 +228,6 @@ class Generator:
 
     def __call__(self, inputs: np.ndarray, budget: int, first_example_id: int):
         """Returns (tokens [batch, budget], token_log_probs [batch, budget]) as numpy."""
-        import flax.linen as nn
-
-        from e2s2_jax.decoding import DecodeConfig, make_predict_fn
-
         config = DecodeConfig(
             method="sample",
             max_decode_length=budget,
@@ -306,16 +301,9 @@ def _chunks(
         yield number, chunk
 
 
-def _entry_point():
-    """The loaded e2s2_jax.main (it aliases itself when run with `python -m`)."""
-    return importlib.import_module("e2s2_jax.main")
-
-
 def _check_job_config(output_dir: str, job_config: Mapping) -> None:
     """Writes OUTPUT_DIR/ssr_job.json, or checks a resumed job uses the same settings (other
     sharding, chunking or seeds would duplicate or skip examples)."""
-    ConfigError = _entry_point().ConfigError
-
     path = os.path.join(output_dir, "ssr_job.json")
     if tf.io.gfile.exists(path):
         with tf.io.gfile.GFile(path) as f:
@@ -364,18 +352,16 @@ def ssr_generate(
     has finished). A rerun resumes. `budget_factor` x the masked sentencepieces (plus sentinels)
     is each batch's decode budget, capped at `max_decode_length`.
     """
-    from e2s2_jax.training import partitioning
-
-    ConfigError, _restore_params = _entry_point().ConfigError, _entry_point()._restore_params
-
     if (mixture_or_task_name is None) == (not input_files):
         raise ConfigError(
             'ssr_generate needs exactly one input: --gin.ssr_generate.input_files=["a.txt"] or '
             '--gin.ssr_generate.mixture_or_task_name=\\"a_task\\".'
         )
     if budget_factor < 3.0:
-        print(f"warning: budget_factor={budget_factor} < 3 cuts long fills (METHODS.md 2.2)")
-    vocabulary = _vocabulary(mixture_or_task_name, vocabulary_model)
+        console.warning(
+            f"warning: budget_factor={budget_factor} < 3 cuts long fills (METHODS.md 2.2)"
+        )
+    vocabulary = lookup_vocabulary(mixture_or_task_name, vocabulary_model)
     cfg = model.config
     if vocabulary.vocab_size > cfg.vocab_size:
         raise ConfigError(
@@ -384,13 +370,7 @@ def ssr_generate(
         )
     process_index, process_count = jax.process_index(), jax.process_count()
     rules = partitioning.LOGICAL_AXIS_RULES
-    mesh = partitioning.create_mesh(*mesh_shape)
-    data_devices = partitioning.data_parallel_size(mesh, rules)
-    if batch_size % data_devices:
-        raise ConfigError(
-            f"batch_size={batch_size} is not divisible by the {data_devices} data-parallel "
-            "devices: use a multiple."
-        )
+    mesh = partitioning.job_mesh("ssr_generate", mesh_shape, batch_size)
     tf.io.gfile.makedirs(os.path.join(output_dir, "progress"))
     _check_job_config(
         output_dir,
@@ -404,7 +384,7 @@ def ssr_generate(
             "split": split,
         },
     )
-    params = _restore_params(generator_dir, model, mesh, rules, checkpoint_step)
+    params = restore_params(generator_dir, model, mesh, rules, checkpoint_step)
     generator = Generator(
         model,
         params,
@@ -464,24 +444,8 @@ def ssr_generate(
         os.path.join(output_dir, f"summary-{shard}.json"), json.dumps(summary, indent=1).encode()
     )
     _merge_summaries(output_dir, process_count)
-    print(f"ssr-generate [{shard}] done: " + json.dumps(summary), flush=True)
+    console.info(f"ssr-generate [{shard}] done: " + json.dumps(summary))
     return summary
-
-
-def _vocabulary(task_name: str | None, vocabulary_model: str | None):
-    if vocabulary_model is not None:
-        from e2s2_jax.data.vocab import get_vocabulary
-
-        return get_vocabulary(vocabulary_model)
-    if task_name is not None:
-        import seqio
-
-        import tasks  # noqa: F401
-
-        return seqio.get_mixture_or_task(task_name).output_features["targets"].vocabulary
-    from e2s2_jax.data.vocab import get_vocabulary
-
-    return get_vocabulary()
 
 
 def _count_examples(task_name, split, text_key, input_files, max_words, max_examples):
@@ -500,12 +464,11 @@ def _log_progress(shard, number, totals: ChunkStats, done, shard_total, start_ti
     eta = "?"
     if shard_total is not None and rate > 0:
         eta = f"{(shard_total - done) / rate:.0f}s"
-    print(
+    console.info(
         f"ssr-generate [{shard}] chunk {number}: {done}/{shard_total or '?'} examples, "
         f"{rate:.1f} examples/s, {totals.spans / seconds:.1f} spans/s, "
         f"{totals.generated_tokens / seconds:.0f} tokens/s, drop rate "
-        f"{dropped / max(1, totals.examples):.1%} {dict(totals.dropped)}, ETA {eta}",
-        flush=True,
+        f"{dropped / max(1, totals.examples):.1%} {dict(totals.dropped)}, ETA {eta}"
     )
 
 

@@ -24,6 +24,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+import flax.linen as nn
 import flax.traverse_util as traverse_util
 import jax
 import jax.numpy as jnp
@@ -32,7 +33,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from e2s2_jax.interop import params_io
-from e2s2_jax.training.train_state import TrainState
+from e2s2_jax.training import partitioning
+from e2s2_jax.training.train_state import TrainState, abstract_boxed_params
 
 PyTree = Any
 log = logging.getLogger(__name__)
@@ -574,3 +576,31 @@ def load_params_into(
     ignored = sorted(set(stored_flat) - set(init_flat))
     params = traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in params_flat.items()})
     return params, filled, ignored
+
+
+def restore_params(
+    model_dir: str,
+    model,
+    mesh: jax.sharding.Mesh,
+    rules: partitioning.Rules = partitioning.LOGICAL_AXIS_RULES,
+    checkpoint_step: int | None = None,
+) -> PyTree:
+    """The params of MODEL_DIR's checkpoint `checkpoint_step` (the newest when None), or of a
+    params directory (`interop.hf import`) given as `model_dir`, sharded over `mesh` by `rules`.
+
+    What eval, infer, the SSR job and the benchmarks load. Raises CheckpointError when the
+    checkpoint lacks parameters `model` needs (other model Gin files than the run's).
+    """
+    boxed = abstract_boxed_params(model)
+    shardings = partitioning.param_shardings(boxed, mesh, rules)
+    init = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), nn.unbox(boxed))
+    path = model_dir
+    if checkpoint_step is not None:
+        path = os.path.join(model_dir, "checkpoints", str(checkpoint_step))
+    params, filled, _ = load_params_into(path, init, shardings)
+    if filled:
+        raise CheckpointError(
+            f"{path} lacks parameters this model needs: {filled[:8]}. Evaluate with the model "
+            "Gin files the checkpoint was trained with (MODEL_DIR/config.gin lists them)."
+        )
+    return params

@@ -46,34 +46,34 @@ def _format_seconds(seconds: float) -> str:
 
 
 class MetricsWriter:
-    """Writes scalars for `split` ("train" or "eval") to TensorBoard and JSON lines."""
+    """Writes scalars for `split` ("train" or "eval"): TensorBoard event files under
+    MODEL_DIR/`split` through `clu.metric_writers.SummaryWriter` (t5x's writer), and one JSON
+    line per write to MODEL_DIR/`split`_metrics.jsonl; both flushed at every write."""
 
     def __init__(self, model_dir: str, split: str, *, enabled: bool = True):
         self.enabled = enabled
-        self._tb = None
+        self._tensorboard = None
         self._jsonl = None
         if enabled:
-            import tensorflow as tf  # TensorBoard's writer; TF is already a SeqIO dependency.
+            # clu's writers import TensorFlow: loaded here, not with the module, so that
+            # `peak_flops` and `Throughput` import without it (benchmarks/train_step.py).
+            from clu import metric_writers
 
-            self._tb = tf.summary.create_file_writer(os.path.join(model_dir, split))
+            self._tensorboard = metric_writers.SummaryWriter(os.path.join(model_dir, split))
             self._jsonl = open(os.path.join(model_dir, f"{split}_metrics.jsonl"), "a")
 
     def write(self, step: int, scalars: Mapping[str, float]) -> None:
         if not self.enabled:
             return
-        import tensorflow as tf
-
-        with self._tb.as_default(step=step):
-            for name, value in scalars.items():
-                tf.summary.scalar(name, value)
-        self._tb.flush()
+        self._tensorboard.write_scalars(step, scalars)
+        self._tensorboard.flush()
         self._jsonl.write(json.dumps({"step": step, **{k: float(v) for k, v in scalars.items()}}))
         self._jsonl.write("\n")
         self._jsonl.flush()
 
     def close(self) -> None:
         if self.enabled:
-            self._tb.close()
+            self._tensorboard.close()
             self._jsonl.close()
 
 

@@ -17,6 +17,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from e2s2_jax.errors import ConfigError
+
 PyTree = Any
 MESH_AXES = ("data", "fsdp", "model")
 
@@ -216,31 +218,75 @@ def batch_sharding(mesh: Mesh, rules: Rules = LOGICAL_AXIS_RULES) -> NamedShardi
     return NamedSharding(mesh, _logical_to_mesh_axes(("batch",), rules))
 
 
+def check_batch_size(
+    batch_size: int,
+    mesh: Mesh | None = None,
+    num_microbatches: int = 1,
+    rules: Rules = LOGICAL_AXIS_RULES,
+    *,
+    num_processes: int = 1,
+    setting: str | None = None,
+) -> None:
+    """Raises ConfigError (a ValueError) when `batch_size` cannot be split: into equal shares
+    for `num_processes` input readers, or into `num_microbatches` microbatches each split over
+    `data_parallel_size(mesh)` devices. `setting` names the Gin binding (`train.batch_size`)
+    in the message; the one check of the batch size every job and the train step make."""
+    label = f"{setting}={batch_size}" if setting else f"Batch size {batch_size}"
+
+    def fix(multiple: int) -> str:
+        if setting:
+            return f"set --gin.{setting} to a multiple of {multiple}"
+        return f"Change the batch size to a multiple of {multiple}"
+
+    if batch_size % num_processes:
+        raise ConfigError(
+            f"{label} is not divisible by the {num_processes} processes: {fix(num_processes)}."
+        )
+    if mesh is None:
+        return
+    shards = data_parallel_size(mesh, rules)
+    needed = shards * num_microbatches
+    if batch_size % needed:
+        micro = num_microbatches != 1
+        job = f"{setting.rsplit('.', 1)[0]}." if setting else ""
+        raise ConfigError(
+            f"{label} is not divisible by {needed} = data-parallel size {shards} (mesh "
+            f"{dict(mesh.shape)}, batch axes {_logical_to_mesh_axes(('batch',), rules)})"
+            + (f" x num_microbatches {num_microbatches}" if micro else "")
+            + f". {fix(needed)}, or change the data/fsdp sizes of {job}mesh_shape"
+            + (f" or {job}num_microbatches." if micro else ".")
+        )
+
+
 def check_batch_divisible(
     batch: Mapping[str, Any],
     mesh: Mesh,
     num_microbatches: int = 1,
     rules: Rules = LOGICAL_AXIS_RULES,
 ) -> int:
-    """Returns the global batch size; raises ValueError when the mesh cannot split it.
-
-    Each of `num_microbatches` microbatches is split over `data_parallel_size(mesh)` devices,
-    so the batch size must be a multiple of both numbers' product.
-    """
+    """Returns the global batch size of `batch`'s features; raises ValueError when they
+    disagree or `check_batch_size` refuses it."""
     sizes = {name: np.shape(value)[0] for name, value in batch.items()}
     if len(set(sizes.values())) != 1:
         raise ValueError(f"Batch features disagree on the batch size: {sizes}.")
     batch_size = next(iter(sizes.values()))
-    shards = data_parallel_size(mesh, rules)
-    needed = shards * num_microbatches
-    if batch_size % needed:
-        raise ValueError(
-            f"Batch size {batch_size} is not divisible by {needed} = data-parallel size "
-            f"{shards} (mesh {dict(mesh.shape)}, axes {_logical_to_mesh_axes(('batch',), rules)})"
-            f" x num_microbatches {num_microbatches}. Change the batch size to a multiple of "
-            f"{needed}, or change the mesh's data/fsdp sizes or num_microbatches."
-        )
+    check_batch_size(batch_size, mesh, num_microbatches, rules)
     return batch_size
+
+
+def job_mesh(
+    job: str, mesh_shape: Sequence[int], batch_size: int | None = None, num_microbatches: int = 1
+) -> Mesh:
+    """The mesh of Gin setting `{job}.mesh_shape` (`create_mesh`'s sizes), for a job that uses
+    `LOGICAL_AXIS_RULES`; given `batch_size` (`{job}.batch_size`), checks the mesh splits it.
+    Raises ConfigError naming the setting when either does not fit."""
+    try:
+        mesh = create_mesh(*mesh_shape)
+    except ValueError as error:
+        raise ConfigError(f"{job}.mesh_shape={tuple(mesh_shape)}: {error}") from error
+    if batch_size is not None:
+        check_batch_size(batch_size, mesh, num_microbatches, setting=f"{job}.batch_size")
+    return mesh
 
 
 def make_global_batch(
