@@ -48,7 +48,8 @@ def main() -> None:
 
     from e2s2_jax.data.feature_converters import E2S2EncDecFeatureConverter
     from e2s2_jax.main import get_dataset
-    from e2s2_jax.models.t5 import T5, T5Config
+    from e2s2_jax.models.config import T5Config
+    from e2s2_jax.models.t5 import T5
     from e2s2_jax.objectives import Seq2SeqObjective
     from e2s2_jax.training import optimizers, partitioning
     from e2s2_jax.training.train_state import init_train_state
