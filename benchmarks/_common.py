@@ -54,9 +54,9 @@ def model_config(gin_files: Sequence[str], bindings: Sequence[str] = ()):
     Registers only `T5Config` with Gin (under the name `e2s2_jax/configurables.py` gives it), so
     that benchmarks run without TensorFlow, on an accelerator image too.
     """
-    from e2s2_jax.models import t5
+    from e2s2_jax.models.config import T5Config
 
-    gin.external_configurable(t5.T5Config, module="e2s2_jax")
+    gin.external_configurable(T5Config, module="e2s2_jax")
     gin.clear_config()
     try:
         gin.parse_config_files_and_bindings(list(gin_files), list(bindings))

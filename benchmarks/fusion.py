@@ -25,8 +25,9 @@ import jax
 import numpy as np
 
 from e2s2_jax.decoding import DecodeConfig, make_predict_fn
+from e2s2_jax.models.config import T5Config
 from e2s2_jax.models.fusion import SurfaceFusion
-from e2s2_jax.models.t5 import T5, T5Config
+from e2s2_jax.models.t5 import T5
 from e2s2_jax.objectives import Seq2SeqObjective
 from e2s2_jax.training import flops, optimizers, partitioning
 from e2s2_jax.training.train_state import init_train_state

@@ -26,15 +26,15 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from e2s2_jax.models.attention import CROSS_ATTENTION_CACHE
+from e2s2_jax.models.config import NEG_INF
 from e2s2_jax.models.fusion import SURFACE_ATTENTION_CACHE, scores_used_as_is
-from e2s2_jax.models.t5 import CROSS_ATTENTION_CACHE, T5, EncoderOutputs
+from e2s2_jax.models.t5 import T5, EncoderOutputs
 
 Array = jax.Array
 Cache = Any
 TokensToLogits = Callable[[Array, Cache, Array], tuple[Array, Cache]]
 ReorderCache = Callable[[Cache, Array], Cache]
-
-NEG_INF = -1.0e9  # The same sentinel score Hugging Face uses for impossible beams.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -341,7 +341,7 @@ def _repeat_rows(tree, times: int):
 
 
 # Cache leaves the beams of a row share unrepeated: attention groups the beams' queries over
-# them (`models/t5.py: group_rows`, and SurfaceFusion's surface attention).
+# them (`models/attention.py: group_rows`, and SurfaceFusion's surface attention).
 SHARED_BY_BEAMS = CROSS_ATTENTION_CACHE + SURFACE_ATTENTION_CACHE
 
 

@@ -47,7 +47,8 @@ def main() -> None:
     import numpy as np
 
     from e2s2_jax.data.feature_converters import E2S2EncDecFeatureConverter
-    from e2s2_jax.models.t5 import T5, T5Config
+    from e2s2_jax.models.config import T5Config
+    from e2s2_jax.models.t5 import T5
     from e2s2_jax.objectives import Seq2SeqObjective
     from e2s2_jax.training import optimizers, partitioning
     from e2s2_jax.training.input_pipeline import get_dataset

@@ -10,7 +10,9 @@ from numerics import assert_close_to_scale
 
 from e2s2_jax import decoding
 from e2s2_jax.decoding import DecodeConfig, _filter_logits, make_predict_fn, sample_or_greedy
-from e2s2_jax.models.t5 import T5, T5Config, group_rows, ungroup_rows
+from e2s2_jax.models.attention import group_rows, ungroup_rows
+from e2s2_jax.models.config import NEG_INF, T5Config
+from e2s2_jax.models.t5 import T5
 
 TINY = T5Config(
     vocab_size=50,
@@ -204,7 +206,7 @@ def test_beam_cache_keeps_cross_attention_once_per_row():
 def test_inverse_cdf_sampler_follows_the_probabilities_and_skips_masked_tokens():
     """`_sample` against the closed-form softmax: 200k draws over 50 tokens, 10 of them
     masked to NEG_INF (never drawn), each frequency within 5 binomial standard deviations."""
-    from e2s2_jax.decoding import NEG_INF, _sample
+    from e2s2_jax.decoding import _sample
 
     rng = np.random.RandomState(2)
     logits = (rng.randn(50) * 2).astype(np.float32)
@@ -233,7 +235,7 @@ def test_inverse_cdf_sampler_edges_draw_the_first_and_last_token_with_mass(
     monkeypatch.setattr(
         decoding.jax.random, "uniform", lambda rng, shape, dtype: jnp.full(shape, u, dtype)
     )
-    logits = jnp.asarray([[decoding.NEG_INF, 0.5, -1.0, 2.0, decoding.NEG_INF]] * 2)
+    logits = jnp.asarray([[NEG_INF, 0.5, -1.0, 2.0, NEG_INF]] * 2)
     tokens = decoding._sample(jax.random.PRNGKey(0), logits)
     np.testing.assert_array_equal(np.asarray(tokens), [expected, expected])
 

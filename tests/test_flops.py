@@ -13,8 +13,9 @@ from jax import lax
 from benchmarks.e2s2_step import synthetic_batch
 from benchmarks.matmul_roofline import dot_flops as roofline_dot_flops
 from benchmarks.matmul_roofline import einsum_equation, step_dots, traced_step_dots
+from e2s2_jax.models.config import T5Config
 from e2s2_jax.models.fusion import SurfaceFusion
-from e2s2_jax.models.t5 import T5, T5Config
+from e2s2_jax.models.t5 import T5
 from e2s2_jax.objectives import Seq2SeqObjective
 from e2s2_jax.training import flops
 

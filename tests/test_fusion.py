@@ -22,6 +22,13 @@ from numerics import FLOAT32_EPS, assert_close_to_scale
 from test_losses import reference_cross_entropy
 
 from e2s2_jax.decoding import DecodeConfig, make_predict_fn
+from e2s2_jax.models.config import T5Config
+from e2s2_jax.models.encoder_fusion import (
+    FineGrainedLayerAttention,
+    LayerAttention,
+    LayerwiseCoordination,
+    coordinated_encoder_layer,
+)
 from e2s2_jax.models.fusion import (
     FUSION_MODES,
     ResidualFeedForward,
@@ -29,12 +36,17 @@ from e2s2_jax.models.fusion import (
     fuse_log_probs,
     scores_used_as_is,
 )
-from e2s2_jax.models.t5 import ENCODER_FUSIONS, T5, T5Config
+from e2s2_jax.models.t5 import T5
 from e2s2_jax.objectives import E2S2Objective, Seq2SeqObjective
 
 REPO = Path(__file__).resolve().parents[1]
 EPS32 = float(np.finfo(np.float32).eps)  # 2**-23: one float32 ulp at 1.
-BASELINES = tuple(f for f in ENCODER_FUSIONS if f != "none")
+# The EncoderFusion baselines by the name of their Gin file (gin/models/encoder_fusion_<name>.gin).
+BASELINES = {
+    "layer_attention": LayerAttention,
+    "fine_grained_layer_attention": FineGrainedLayerAttention,
+    "layerwise_coordination": LayerwiseCoordination,
+}
 TINY = T5Config(
     vocab_size=50,
     d_model=32,
@@ -183,8 +195,6 @@ def test_unknown_mode_is_rejected():
     model = fusion_model(mode="mixture")
     with pytest.raises(ValueError, match="mode"):
         init_params(model, tokens(0), tokens(1, (3, 4)))
-    with pytest.raises(ValueError, match="encoder_fusion"):
-        init_params(T5(TINY, encoder_fusion="dense"), tokens(0), tokens(1, (3, 4)))
 
 
 # ----------------------------------------------------------------------------- the loss
@@ -521,7 +531,7 @@ def test_cached_decoding_equals_the_full_decoder(variant, scan):
     if variant.startswith("fusion:"):
         model = fusion_model(config, mode=variant.split(":")[1], lam=0.6, tau=0.8)
     else:
-        model = T5(config, encoder_fusion=variant)
+        model = T5(config, encoder_fusion_factory=BASELINES[variant])
     encoder_tokens = tokens(4)
     decoder_tokens = tokens(5, (3, 14), pad_from=None).at[:, 0].set(0)
     params = init_params(model, encoder_tokens, decoder_tokens)
@@ -649,8 +659,6 @@ def randomize_layer_scores(params, scale: float = 1.0, top_only: float | None = 
 
 
 def test_layerwise_coordination_maps_equal_depths_one_to_one():
-    from e2s2_jax.models.t5 import coordinated_encoder_layer
-
     assert [coordinated_encoder_layer(j, 4, 4) for j in range(4)] == [1, 2, 3, 4]
     assert [coordinated_encoder_layer(j, 2, 4) for j in range(4)] == [1, 1, 2, 2]
     assert [coordinated_encoder_layer(j, 4, 2) for j in range(2)] == [2, 4]
@@ -661,7 +669,7 @@ def test_layer_attention_on_the_top_layer_only_equals_the_plain_model(baseline):
     """All softmax weight on the last encoder layer: every decoder layer's memory is the
     encoder's final output, as in T5. (Uniform at init: the layers are averaged.)"""
     encoder_tokens, decoder_tokens = tokens(8), tokens(9, (3, 5), pad_from=None)
-    model = T5(TINY, encoder_fusion=baseline)
+    model = T5(TINY, encoder_fusion_factory=BASELINES[baseline])
     params = init_params(model, encoder_tokens, decoder_tokens)
     scores = params["decoder"]["layers_0"]["encoder_layer_attention"]["layer_scores"]
     expected_shape = (3,) if baseline == "layer_attention" else (3, 32)
@@ -721,7 +729,7 @@ def test_gin_file_builds_and_inits_the_tiny_model(gin_file):
         assert ("output_layer/gate/decoder_weights" in paths) == (mode == "gate")
     else:
         baseline = Path(gin_file).stem.removeprefix("encoder_fusion_")
-        assert model.encoder_fusion == baseline
+        assert issubclass(model.encoder_fusion_factory, BASELINES[baseline])
         has_scores = any("layer_scores" in p for p in paths)
         assert has_scores == (baseline != "layerwise_coordination")
 
@@ -779,7 +787,7 @@ def test_tiny_model_learns_to_restore_sentences(variant):
     if variant.startswith("fusion:"):
         model = fusion_model(config, mode=variant.split(":")[1])
     else:
-        model = T5(config, encoder_fusion=variant)
+        model = T5(config, encoder_fusion_factory=BASELINES[variant])
     optimizer = optimizers.make_optimizer("adamw_rms_scaled", 3e-2)
     mesh = partitioning.create_mesh(devices=jax.devices()[:1])
     state, shardings = init_train_state(model, optimizer, mesh, jax.random.key(0))
@@ -804,7 +812,7 @@ def test_fusion_params_have_shardable_logical_axes(scan):
     mesh = partitioning.create_mesh(devices=jax.devices()[:1])
     optimizer = optimizers.make_optimizer("adafactor", 1e-3)
     for model in (
-        T5(config, encoder_fusion="fine_grained_layer_attention"),
+        T5(config, encoder_fusion_factory=FineGrainedLayerAttention),
         fusion_model(config, mode="gate"),
     ):
         _, shardings = train_state_shardings(model, optimizer, mesh)

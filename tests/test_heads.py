@@ -11,7 +11,8 @@ import pytest
 from numerics import assert_close_to_scale
 
 from e2s2_jax.models import heads
-from e2s2_jax.models.t5 import T5, EncoderOutputs, T5Config
+from e2s2_jax.models.config import T5Config
+from e2s2_jax.models.t5 import T5, EncoderOutputs
 
 CONFIG = T5Config(
     vocab_size=64,

@@ -14,7 +14,8 @@ from hf_fixtures import hf_logits, make_hf_t5, random_batch
 from e2s2_jax.decoding import DecodeConfig, make_predict_fn
 from e2s2_jax.interop import params_io
 from e2s2_jax.interop.hf import HFCheckpointError, export_hf, import_hf, main
-from e2s2_jax.models.t5 import T5, relative_position_bucket_table
+from e2s2_jax.models.attention import relative_position_bucket_table
+from e2s2_jax.models.t5 import T5
 
 
 def assert_close(ours, reference, tol=1e-5):

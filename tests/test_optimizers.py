@@ -120,7 +120,8 @@ def _np_adafactor_step(param, grad, lr):
 
 
 def test_adafactor_factors_t5_attention_kernels_and_matches_numpy():
-    from e2s2_jax.models.t5 import T5, T5Config
+    from e2s2_jax.models.config import T5Config
+    from e2s2_jax.models.t5 import T5
     from e2s2_jax.training.train_state import abstract_boxed_params
 
     # heads x kv = 2 x 64: the joined dimension reaches the 128 needed to factor.

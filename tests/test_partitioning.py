@@ -82,7 +82,8 @@ def _worker_shardings() -> dict:
     import flax.linen as nn
     from jax.sharding import NamedSharding
 
-    from e2s2_jax.models.t5 import T5, T5Config
+    from e2s2_jax.models.config import T5Config
+    from e2s2_jax.models.t5 import T5
     from e2s2_jax.training import optimizers
     from e2s2_jax.training.train_state import init_train_state
 

@@ -78,7 +78,8 @@ def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp
 def test_the_train_step_never_applies_a_non_finite_update():
     """`nonfinite` is 1 and params and optimizer state are unchanged (bitwise) when the loss is
     not finite; a finite step updates them."""
-    from e2s2_jax.models.t5 import T5, T5Config
+    from e2s2_jax.models.config import T5Config
+    from e2s2_jax.models.t5 import T5
     from e2s2_jax.objectives import Seq2SeqObjective
     from e2s2_jax.training import partitioning
     from e2s2_jax.training.train_state import init_train_state

@@ -235,7 +235,8 @@ def test_parse_fills_accepts_whole_fills_and_rejects_malformed_rows():
 def _worker_eight_devices() -> dict:
     """Fills one batch with a random tiny model on a mesh of 8 data devices and on one device,
     with the same rng: the job's sharded sampling gives the same tokens."""
-    from e2s2_jax.models.t5 import T5, T5Config
+    from e2s2_jax.models.config import T5Config
+    from e2s2_jax.models.t5 import T5
     from e2s2_jax.training import partitioning
 
     model = T5(

@@ -11,7 +11,8 @@ from flax import linen as nn
 from numerics import assert_close_to_scale
 
 from e2s2_jax import configurables  # noqa: F401  (registers T5Config with Gin)
-from e2s2_jax.models.t5 import T5, T5Config, scan_params, unscan_params
+from e2s2_jax.models.config import T5Config
+from e2s2_jax.models.t5 import T5, scan_params, unscan_params
 
 TINY = T5Config(
     vocab_size=64,

@@ -22,7 +22,7 @@ NUM_STEPS = 3
 
 
 def tiny_config(**overrides):
-    from e2s2_jax.models.t5 import T5Config
+    from e2s2_jax.models.config import T5Config
 
     sizes = dict(
         vocab_size=64,

@@ -21,7 +21,8 @@ import safetensors.numpy
 from flax import linen as nn
 
 from e2s2_jax.errors import EXIT_BAD_INPUT
-from e2s2_jax.models.t5 import FEED_FORWARD_PROJS, T5, T5Config, scan_params, unscan_params
+from e2s2_jax.models.config import FEED_FORWARD_PROJS, T5Config
+from e2s2_jax.models.t5 import T5, scan_params, unscan_params
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"

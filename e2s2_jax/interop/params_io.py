@@ -12,7 +12,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import linen as nn
 
-from e2s2_jax.models.t5 import T5Config
+from e2s2_jax.models.config import T5Config
 
 CONFIG_NAME = "t5_config.json"
 PARAMS_NAME = "params"

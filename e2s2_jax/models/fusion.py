@@ -41,15 +41,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from e2s2_jax.models.t5 import (
-    EncoderOutputs,
-    OutputProjection,
-    Projection,
-    T5Config,
-    attention_mask_bias,
-    cache_once,
-    dense_rows,
-)
+from e2s2_jax.models.attention import attention_mask_bias, cache_once
+from e2s2_jax.models.config import T5Config
+from e2s2_jax.models.layers import Projection, dense_rows
+from e2s2_jax.models.t5 import EncoderOutputs, OutputProjection
 
 Array = jax.Array
 

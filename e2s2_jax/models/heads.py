@@ -13,7 +13,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from e2s2_jax.models.t5 import EncoderOutputs, T5Config, dense_rows
+from e2s2_jax.models.config import T5Config
+from e2s2_jax.models.layers import dense_rows
+from e2s2_jax.models.t5 import EncoderOutputs
 
 Array = jax.Array
 

@@ -1,13 +1,15 @@
-"""T5 1.1 (and T5 1.0) encoder-decoder as Flax Linen modules with logical axis names.
+"""T5 1.1 (and T5 1.0) encoder-decoder as Flax Linen modules with logical axis names: the
+encoder and decoder stacks, the model (`T5`: encode / decode / __call__) with its pluggable
+encoder heads, output layer and encoder fusion, and the conversion to and from the scan layout.
 
 Shapes are named `[batch, length, embed]` etc.; every parameter carries logical axes (see
 `e2s2_jax.training` for the rules that map them to mesh axes). Parameters are float32;
-activations use `T5Config.dtype`.
+activations use `T5Config.dtype`. The pieces live by kind: `config`, `layers`, `attention`, and
+the plug-ins `heads`, `fusion` (SurfaceFusion) and `encoder_fusion`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -15,401 +17,21 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import struct
+
+from e2s2_jax.models.attention import MultiHeadAttention, RelativePositionBias, attention_mask_bias
+from e2s2_jax.models.config import NEG_INF, T5Config, normal_init
+from e2s2_jax.models.layers import FeedForward, RMSNorm
 
 Array = jax.Array
 PyTree = Any
 
-# A large negative logit bias for masked attention positions (exp underflows to exactly 0).
-NEG_INF = -1e10
-
-FEED_FORWARD_PROJS = ("gated-gelu", "relu", "gated-relu", "gelu")
-# What each decoder layer cross-attends (the EncoderFusion baselines of METHODS.md section 3):
-# "none": the encoder's final output (T5); "layer_attention": a learned softmax-weighted sum of
-# all encoder layers, the embedding layer included; "fine_grained_layer_attention": the same with
-# one weight per layer and model dimension; "layerwise_coordination": decoder layer j attends
-# encoder layer j (proportionally when the depths differ).
-ENCODER_FUSIONS = (
-    "none",
-    "layer_attention",
-    "fine_grained_layer_attention",
-    "layerwise_coordination",
-)
-REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
-
-
-@dataclasses.dataclass(frozen=True)
-class T5Config:
-    """Sizes and options of a T5 model. Defaults are T5 1.1 small."""
-
-    vocab_size: int = 32128
-    d_model: int = 512
-    num_heads: int = 6
-    d_kv: int = 64
-    d_ff: int = 1024
-    num_encoder_layers: int = 8
-    num_decoder_layers: int = 8
-    relative_attention_num_buckets: int = 32
-    relative_attention_max_distance: int = 128
-    dropout_rate: float = 0.0
-    layer_norm_epsilon: float = 1e-6
-    # "gated-gelu" is T5 1.1 (tanh-approximate GELU, as HF's gelu_new); "relu" is T5 1.0.
-    feed_forward_proj: str = "gated-gelu"
-    # T5 1.0 ties the output projection to the input embedding and scales the decoder output
-    # by d_model**-0.5 before it; T5 1.1 does neither. (HF 5.x can also tie without scaling.)
-    tie_word_embeddings: bool = False
-    scale_decoder_outputs: bool = False
-    dtype: str = "float32"
-    scan_layers: bool = False
-    remat_policy: str = "none"
-    pad_id: int = 0
-    eos_id: int = 1
-    decoder_start_id: int = 0
-
-    def __post_init__(self):
-        if self.feed_forward_proj not in FEED_FORWARD_PROJS:
-            raise ValueError(
-                f"T5Config.feed_forward_proj={self.feed_forward_proj!r} is not supported; "
-                f"use one of {FEED_FORWARD_PROJS}."
-            )
-        if self.remat_policy not in REMAT_POLICIES:
-            raise ValueError(
-                f"T5Config.remat_policy={self.remat_policy!r} is not supported; "
-                f"use one of {REMAT_POLICIES}."
-            )
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"T5Config.dtype={self.dtype!r}: use float32, bfloat16 or float16.")
-
-    @property
-    def activation_dtype(self) -> jnp.dtype:
-        return jnp.dtype(self.dtype)
-
-    @property
-    def is_gated(self) -> bool:
-        return self.feed_forward_proj.startswith("gated-")
-
-
-def _activation(name: str) -> Callable[[Array], Array]:
-    base = name.split("-")[-1]
-    if base == "gelu":
-        return functools.partial(jax.nn.gelu, approximate=True)
-    return jax.nn.relu
-
-
-def _normal(stddev: float, axes: tuple[str, ...]):
-    return nn.with_logical_partitioning(nn.initializers.normal(stddev), axes)
-
-
-# ----------------------------------------------------------------------------- positions
-
-
-@functools.lru_cache(maxsize=64)
-def relative_position_bucket_table(
-    max_distance_back: int,
-    max_distance_forward: int,
-    bidirectional: bool,
-    num_buckets: int,
-    max_distance: int,
-) -> np.ndarray:
-    """Bucket of every relative position `key - query` in [-back, forward], as int32.
-
-    Index `r + max_distance_back` holds the bucket of relative position `r`. Computed on the
-    host in float32 with T5's rule, so the jitted code only gathers.
-    """
-    relative_position = np.arange(-max_distance_back, max_distance_forward + 1, dtype=np.int64)
-    buckets = np.zeros_like(relative_position)
-    if bidirectional:
-        num_buckets //= 2
-        buckets += (relative_position > 0).astype(np.int64) * num_buckets
-        distance = np.abs(relative_position)
-    else:
-        distance = -np.minimum(relative_position, 0)
-    max_exact = num_buckets // 2
-    is_small = distance < max_exact
-    with np.errstate(divide="ignore"):
-        scaled = (
-            np.log(distance.astype(np.float32) / np.float32(max_exact))
-            / np.float32(np.log(max_distance / max_exact))
-            * np.float32(num_buckets - max_exact)
-        )
-    large = max_exact + np.where(is_small, 0, scaled).astype(np.int64)
-    large = np.minimum(large, num_buckets - 1)
-    buckets += np.where(is_small, distance, large)
-    return buckets.astype(np.int32)
-
-
-class RelativePositionBias(nn.Module):
-    """Learned T5 relative position bias, one per stack: returns `[1, heads, q_len, k_len]`."""
-
-    config: T5Config
-    bidirectional: bool
-
-    @nn.compact
-    def __call__(self, query_positions: Array, k_len: int, max_query_position: int) -> Array:
-        """`query_positions` is `[q_len]` int32 (absolute index of each query)."""
-        cfg = self.config
-        table = relative_position_bucket_table(
-            max_query_position,
-            k_len,
-            self.bidirectional,
-            cfg.relative_attention_num_buckets,
-            cfg.relative_attention_max_distance,
-        )
-        relative = jnp.arange(k_len)[None, :] - query_positions[:, None]
-        buckets = jnp.asarray(table)[relative + max_query_position]
-        embedding = self.param(
-            "rel_embedding",
-            _normal(cfg.d_model**-0.5, ("relpos_buckets", "heads")),
-            (cfg.relative_attention_num_buckets, cfg.num_heads),
-        )
-        bias = jnp.take(embedding, buckets, axis=0)  # [q, k, heads]
-        return jnp.transpose(bias, (2, 0, 1))[None].astype(jnp.float32)
-
-
-def attention_mask_bias(
-    query_valid: Array,
-    key_valid: Array,
-    query_segment_ids: Array | None = None,
-    key_segment_ids: Array | None = None,
-    causal: bool = False,
-) -> Array:
-    """Additive mask `[batch, 1, q_len, k_len]` in float32: 0 where attending, NEG_INF elsewhere.
-
-    Padding masks keys only (as Hugging Face does), so outputs at padded query positions are
-    defined but meaningless; packing (segment ids) keeps attention within a segment.
-    """
-    allowed = jnp.broadcast_to(
-        key_valid[:, None, :], (*key_valid.shape[:1], query_valid.shape[1], key_valid.shape[1])
-    )
-    if query_segment_ids is not None and key_segment_ids is not None:
-        allowed &= query_segment_ids[:, :, None] == key_segment_ids[:, None, :]
-    if causal:
-        q_len, k_len = query_valid.shape[1], key_valid.shape[1]
-        allowed &= jnp.arange(q_len)[:, None] >= jnp.arange(k_len)[None, :]
-    return jnp.where(allowed, 0.0, NEG_INF)[:, None].astype(jnp.float32)
+# Builds a decoder layer's EncoderFusion module (`models/encoder_fusion.py`), as
+# `factory(config, name=...)`.
+EncoderFusionFactory = Callable[..., nn.Module]
 
 
 # ----------------------------------------------------------------------------- layers
-
-
-class RMSNorm(nn.Module):
-    """T5's layer norm: scale only, no mean subtraction, no bias; computed in float32."""
-
-    config: T5Config
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        scale = self.param(
-            "scale",
-            nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
-            (x.shape[-1],),
-        )
-        x32 = x.astype(jnp.float32)
-        variance = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
-        normed = x32 * jax.lax.rsqrt(variance + self.config.layer_norm_epsilon)
-        return (scale * normed).astype(self.config.activation_dtype)
-
-
-def dense_rows(x: Array, kernel: Array) -> Array:
-    """`einsum("...d,df->...f", x, kernel)` as one 2-D matmul over the rows of `x` flattened
-    to `[rows, d]`. (On the 3-D `[batch, length, d]` form, XLA:CPU lays out the backward's
-    kernel-gradient operand transposed and materialises that transpose in a fused loop:
-    about 1.5x the time of a T5 1.1 small feed-forward's forward and backward.)"""
-    rows = x.reshape(-1, x.shape[-1])
-    return jnp.dot(rows, kernel).reshape(*x.shape[:-1], kernel.shape[-1])
-
-
-def project_to_heads(x: Array, kernel: Array, *, heads: int) -> Array:
-    """`[batch, length, d] @ [d, heads * kv]` as one 2-D matmul, then split into
-    `[batch, heads, length, kv]`."""
-    batch, length, _ = x.shape
-    flat = dense_rows(x, kernel)
-    return flat.reshape(batch, length, heads, -1).transpose(0, 2, 1, 3)
-
-
-def project_from_heads(x: Array, kernel: Array) -> Array:
-    """`[batch, heads, length, kv]` joined back to `[batch, length, heads * kv]`, then one 2-D
-    matmul with the `[heads * kv, d]` kernel."""
-    batch, heads, length, kv = x.shape
-    flat = x.transpose(0, 2, 1, 3).reshape(batch, length, heads * kv)
-    return dense_rows(flat, kernel)
-
-
-class Projection(nn.Module):
-    """A bias-free projection `equation(x, kernel)` (`dense_rows`, `project_to_heads`, ...) of
-    a float32 kernel created with its logical axes."""
-
-    shape: tuple[int, ...]
-    axes: tuple[str, ...]
-    equation: Callable[[Array, Array], Array]
-    stddev: float
-    dtype: Any = jnp.float32
-    # Overrides the normal(stddev) init (SurfaceFusion's zero-initialised W2).
-    kernel_init: Callable | None = None
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        init = self.kernel_init or nn.initializers.normal(self.stddev)
-        kernel = self.param(
-            "kernel", nn.with_logical_partitioning(init, self.axes), self.shape, jnp.float32
-        )
-        return self.equation(x.astype(self.dtype), kernel.astype(self.dtype))
-
-
-# The "cache" variables cross-attention projects once per decode (keys, values).
-CROSS_ATTENTION_CACHE = ("cross_key", "cross_value")
-
-
-class MultiHeadAttention(nn.Module):
-    """T5 attention (no 1/sqrt(d) scaling: it is folded into the query init).
-
-    Queries, keys and values are projected straight to `[batch, heads, length, kv]`, so that
-    scores and context are canonical batched matmuls (batch and heads leading); the output
-    projection contracts heads and kv back to `[batch, length, embed]`. The kernels are stored
-    2-D, `[embed, joined_kv]` / `[joined_kv, embed]` with `joined_kv = heads * kv` (the layout
-    of Mesh TensorFlow's T5 and of Hugging Face's), so Adafactor factors their second moments
-    over embed and joined_kv as t5x's factor rules do. (Stored `[embed, heads, kv]`, optax's
-    Adafactor factors the two largest dimensions only when both are at least 128: kv is 64, so
-    it kept a full second moment for every attention kernel.)
-
-    With `decode=True` keys and values are cached in the same layout: self-attention writes the
-    current step at `decode_position` into a `[batch, heads, cache_length, kv]` cache;
-    cross-attention projects the encoder output once, on the call that creates the cache, and
-    reuses it (`[batch, heads, source_length, kv]`). When the queries have a multiple of the
-    cached keys' rows (beam search: `beams` adjacent rows per cached row), each row's queries
-    attend its keys and values as one group, so the cache is not repeated per beam.
-    """
-
-    config: T5Config
-    is_cross_attention: bool = False
-    decode: bool = False
-    cache_length: int = 0
-    deterministic: bool = True
-
-    @nn.compact
-    def __call__(
-        self, inputs_q: Array, inputs_kv: Array, bias: Array, decode_position: Array | None = None
-    ) -> Array:
-        cfg = self.config
-        joined_kv = cfg.num_heads * cfg.d_kv
-        dense = functools.partial(
-            Projection,
-            shape=(cfg.d_model, joined_kv),
-            equation=functools.partial(project_to_heads, heads=cfg.num_heads),
-            dtype=cfg.activation_dtype,
-        )
-        qkv_axes = ("embed", "joined_kv")
-        query = dense(axes=qkv_axes, stddev=(cfg.d_model * cfg.d_kv) ** -0.5, name="query")(
-            inputs_q
-        )
-        key_proj = dense(axes=qkv_axes, stddev=cfg.d_model**-0.5, name="key")
-        value_proj = dense(axes=qkv_axes, stddev=cfg.d_model**-0.5, name="value")
-
-        if self.decode and self.is_cross_attention:
-            key, value = self._cached_cross_kv(key_proj, value_proj, inputs_kv)
-        else:
-            key, value = key_proj(inputs_kv), value_proj(inputs_kv)
-        if self.decode and not self.is_cross_attention:
-            key, value = self._append_to_cache(key, value, decode_position)
-
-        # Beam search keeps one cross-attention key/value cache per input row for its beams:
-        # their queries then attend it as one group (`groups` queries per row and head).
-        groups = query.shape[0] // key.shape[0]
-        if groups > 1:
-            bias = group_rows(jnp.broadcast_to(bias, (*query.shape[:1], *bias.shape[1:])), groups)
-            query = group_rows(query, groups)
-        query = nn.with_logical_constraint(query, ("batch", "heads", "length", "kv"))
-        key = nn.with_logical_constraint(key, ("batch", "heads", "length", "kv"))
-        value = nn.with_logical_constraint(value, ("batch", "heads", "length", "kv"))
-        scores = jnp.einsum("bhqd,bhkd->bhqk", query, key, preferred_element_type=jnp.float32)
-        weights = jax.nn.softmax(scores + bias, axis=-1).astype(cfg.activation_dtype)
-        weights = nn.Dropout(cfg.dropout_rate)(weights, deterministic=self.deterministic)
-        context = jnp.einsum("bhqk,bhkd->bhqd", weights, value)
-        if groups > 1:
-            context = ungroup_rows(context, groups)
-        out = Projection(
-            shape=(joined_kv, cfg.d_model),
-            axes=("joined_kv", "embed"),
-            equation=project_from_heads,
-            stddev=(cfg.num_heads * cfg.d_kv) ** -0.5,
-            dtype=cfg.activation_dtype,
-            name="out",
-        )(context)
-        return nn.with_logical_constraint(out, ("batch", "length", "embed"))
-
-    def _cached_cross_kv(self, key_proj, value_proj, encoded: Array) -> tuple[Array, Array]:
-        return cache_once(
-            self, CROSS_ATTENTION_CACHE, lambda: (key_proj(encoded), value_proj(encoded))
-        )
-
-    def _append_to_cache(self, key: Array, value: Array, position: Array):
-        """Writes this step's `[batch, heads, 1, kv]` key/value at `position`; returns the
-        `[batch, heads, cache_length, kv]` cache."""
-        shape = (*key.shape[:2], self.cache_length, key.shape[3])
-        cached_key = self.variable("cache", "cached_key", jnp.zeros, shape, key.dtype)
-        cached_value = self.variable("cache", "cached_value", jnp.zeros, shape, value.dtype)
-        start = (0, 0, position, 0)
-        cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, key, start)
-        cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, value, start)
-        return cached_key.value, cached_value.value
-
-
-def group_rows(x: Array, groups: int) -> Array:
-    """`[rows * groups, heads, q, d] -> [rows, heads, groups * q, d]`: the `groups` adjacent
-    rows of each row (its beams) become extra query positions."""
-    rows_groups, heads, q, d = x.shape
-    rows = rows_groups // groups
-    x = x.reshape(rows, groups, heads, q, d).transpose(0, 2, 1, 3, 4)
-    return x.reshape(rows, heads, groups * q, d)
-
-
-def ungroup_rows(x: Array, groups: int) -> Array:
-    """The inverse of `group_rows`: `[rows, heads, groups * q, d]` back to
-    `[rows * groups, heads, q, d]`."""
-    rows, heads, groups_q, d = x.shape
-    x = x.reshape(rows, heads, groups, groups_q // groups, d).transpose(0, 2, 1, 3, 4)
-    return x.reshape(rows * groups, heads, groups_q // groups, d)
-
-
-def cache_once(
-    module: nn.Module, names: tuple[str, ...], compute: Callable[[], tuple[Array, ...]]
-) -> tuple[Array, ...]:
-    """Decode-time values over the source (projected keys, values): computed on the call that
-    creates the cache and stored under `names` in `module`'s "cache" collection, read back on
-    every later step. (Beam search leaves them alone: they are equal across a row's beams.)"""
-    if module.has_variable("cache", names[0]):
-        return tuple(module.get_variable("cache", name) for name in names)
-    values = compute()
-    for name, value in zip(names, values, strict=True):
-        module.variable("cache", name, lambda value=value: value)
-    return values
-
-
-class FeedForward(nn.Module):
-    """T5 feed-forward: gated (wi_0, wi_1) for T5 1.1, plain (wi) for T5 1.0."""
-
-    config: T5Config
-    deterministic: bool = True
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        cfg = self.config
-        dense = functools.partial(Projection, equation=dense_rows, dtype=cfg.activation_dtype)
-        wi = functools.partial(
-            dense, shape=(cfg.d_model, cfg.d_ff), axes=("embed", "mlp"), stddev=cfg.d_model**-0.5
-        )
-        activation = _activation(cfg.feed_forward_proj)
-        if cfg.is_gated:
-            hidden = activation(wi(name="wi_0")(x)) * wi(name="wi_1")(x)
-        else:
-            hidden = activation(wi(name="wi")(x))
-        hidden = nn.with_logical_constraint(hidden, ("batch", "length", "mlp"))
-        hidden = nn.Dropout(cfg.dropout_rate)(hidden, deterministic=self.deterministic)
-        out = dense(
-            shape=(cfg.d_ff, cfg.d_model), axes=("mlp", "embed"), stddev=cfg.d_ff**-0.5, name="wo"
-        )(hidden)
-        return nn.with_logical_constraint(out, ("batch", "length", "embed"))
 
 
 class EncoderLayer(nn.Module):
@@ -435,44 +57,19 @@ class EncoderLayer(nn.Module):
         return x, (x if self.return_layer_output else None)
 
 
-class EncoderLayerAttention(nn.Module):
-    """One decoder layer's memory for the layer-attention baselines: a softmax-weighted sum over
-    the encoder's layers `[batch, layers + 1, length, embed]` -> `[batch, length, embed]`.
-
-    One weight per layer (`fine_grained=False`) or per layer and model dimension. The weights
-    start at zero, i.e. a uniform average.
-    """
-
-    config: T5Config
-    fine_grained: bool = False
-
-    @nn.compact
-    def __call__(self, encoder_layers: Array) -> Array:
-        num_layers, d_model = encoder_layers.shape[1], encoder_layers.shape[-1]
-        shape, axes = (num_layers,), ("encoder_layers",)
-        if self.fine_grained:
-            shape, axes = (num_layers, d_model), ("encoder_layers", "embed")
-        scores = self.param(
-            "layer_scores", nn.with_logical_partitioning(nn.initializers.zeros, axes), shape
-        )
-        weights = jax.nn.softmax(scores, axis=0).astype(encoder_layers.dtype)
-        if not self.fine_grained:
-            weights = weights[:, None]
-        return jnp.sum(encoder_layers * weights[None, :, None, :], axis=1)
-
-
 class DecoderLayer(nn.Module):
     """Pre-norm causal self-attention, cross-attention, feed-forward. Scan-compatible.
 
-    `encoded` is the cross-attention memory `[batch, length, embed]`, or for the layer-attention
-    baselines (`encoder_fusion`) all encoder layers `[batch, layers + 1, length, embed]`.
+    `encoded` is the cross-attention memory `[batch, length, embed]`, or with an
+    `encoder_fusion_factory` all encoder layers `[batch, layers + 1, length, embed]`, which this
+    layer's fusion module (given `layer_index`, this layer's 0-based index) turns into its memory.
     """
 
     config: T5Config
     deterministic: bool = True
     decode: bool = False
     cache_length: int = 0
-    encoder_fusion: str = "none"
+    encoder_fusion_factory: EncoderFusionFactory | None = None
 
     @nn.compact
     def __call__(
@@ -482,6 +79,7 @@ class DecoderLayer(nn.Module):
         self_bias: Array,
         cross_bias: Array,
         decode_position: Array | None,
+        layer_index: Array | int,
     ) -> tuple[Array, None]:
         cfg = self.config
         dropout = functools.partial(nn.Dropout(cfg.dropout_rate), deterministic=self.deterministic)
@@ -496,12 +94,10 @@ class DecoderLayer(nn.Module):
         x = x + dropout(
             attention(name="self_attention")(normed, normed, self_bias, decode_position)
         )
-        if self.encoder_fusion in ("layer_attention", "fine_grained_layer_attention"):
-            encoded = EncoderLayerAttention(
-                cfg,
-                fine_grained=self.encoder_fusion == "fine_grained_layer_attention",
-                name="encoder_layer_attention",
-            )(encoded)
+        if self.encoder_fusion_factory is not None:
+            # The name is the parameter path of the layer-attention baselines' checkpoints.
+            fusion = self.encoder_fusion_factory(cfg, name="encoder_layer_attention")
+            encoded = fusion(encoded, layer_index)
         normed = RMSNorm(cfg, name="pre_cross_attention_norm")(x)
         x = x + dropout(
             attention(is_cross_attention=True, name="encoder_decoder_attention")(
@@ -629,25 +225,18 @@ class Encoder(nn.Module):
         )
 
 
-def coordinated_encoder_layer(decoder_layer: int, num_encoder_layers: int, num_decoder_layers: int):
-    """Layer-wise coordination: the index into `EncoderOutputs.fusion_layers` (0 = embedding)
-    that decoder layer `decoder_layer` (0-based) attends: encoder layer j for decoder layer j
-    at equal depths, proportionally (rounded up) otherwise, so the last attends the last."""
-    return -(-(decoder_layer + 1) * num_encoder_layers // num_decoder_layers)
-
-
 class Decoder(nn.Module):
     """T5 decoder stack; returns the final normed hidden states `[batch, length, embed]`.
 
     With `decode=True` it runs one step (`tokens` is `[batch, 1]`) at `decode_position`
     against a cache of `max_decode_length` positions, creating the cache on first use.
-    `encoded` is `[batch, length, embed]`, or `EncoderOutputs.fusion_layers` when
-    `encoder_fusion` is not "none" (see `ENCODER_FUSIONS`).
+    `encoded` is `[batch, length, embed]`, or `EncoderOutputs.fusion_layers` with an
+    `encoder_fusion_factory` (see `models/encoder_fusion.py`).
     """
 
     config: T5Config
     shared_embedding: nn.Module
-    encoder_fusion: str = "none"
+    encoder_fusion_factory: EncoderFusionFactory | None = None
 
     @nn.compact
     def __call__(
@@ -693,34 +282,23 @@ class Decoder(nn.Module):
         x = self.shared_embedding(tokens)
         x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-        coordinated = self.encoder_fusion == "layerwise_coordination"
-        if coordinated:
-            # One memory per decoder layer, stacked on a leading axis: [layers, batch, ...].
-            indices = [
-                coordinated_encoder_layer(i, cfg.num_encoder_layers, cfg.num_decoder_layers)
-                for i in range(cfg.num_decoder_layers)
-            ]
-            encoded = jnp.moveaxis(encoded[:, jnp.asarray(indices)], 1, 0)
+        # Each layer gets its 0-based index (for the EncoderFusion modules): scanned, one per layer.
         layer_cls = _stack_layer(
-            DecoderLayer,
-            cfg,
-            cfg.num_decoder_layers,
-            num_args=4,
-            scanned_args=(0,) if coordinated else (),
+            DecoderLayer, cfg, cfg.num_decoder_layers, num_args=5, scanned_args=(4,)
         )
         layer_kwargs = dict(
             deterministic=deterministic,
             decode=decode,
             cache_length=max_decode_length,
-            encoder_fusion=self.encoder_fusion,
+            encoder_fusion_factory=self.encoder_fusion_factory,
         )
         args = (encoded, self_bias, cross_bias, decode_position)
         if cfg.scan_layers:
-            x, _ = layer_cls(cfg, **layer_kwargs, name="layers")(x, *args)
+            layer_indices = jnp.arange(cfg.num_decoder_layers)
+            x, _ = layer_cls(cfg, **layer_kwargs, name="layers")(x, *args, layer_indices)
         else:
             for i in range(cfg.num_decoder_layers):
-                layer_args = (encoded[i], *args[1:]) if coordinated else args
-                x, _ = layer_cls(cfg, **layer_kwargs, name=f"layers_{i}")(x, *layer_args)
+                x, _ = layer_cls(cfg, **layer_kwargs, name=f"layers_{i}")(x, *args, i)
         x = RMSNorm(cfg, name="final_norm")(x)
         return nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
 
@@ -763,7 +341,7 @@ class OutputProjection(nn.Module):
                 use_bias=False,
                 dtype=cfg.activation_dtype,
                 param_dtype=jnp.float32,
-                kernel_init=_normal(cfg.d_model**-0.5, ("embed", "vocab")),
+                kernel_init=normal_init(cfg.d_model**-0.5, ("embed", "vocab")),
                 name="logits_dense",
             )
 
@@ -792,13 +370,15 @@ class T5(nn.Module):
     output_layer_factory: builds the module mapping decoder states to logits (or to fused
       log-probability scores, which the loss and decoding use as `fusion.scores_used_as_is`
       says), as `factory(config, name=...)`.
-    encoder_fusion: what each decoder layer cross-attends, one of `ENCODER_FUSIONS`.
+    encoder_fusion_factory: builds each decoder layer's EncoderFusion module (the baselines of
+      `models/encoder_fusion.py`), as `factory(config, name=...)`; None (T5): every decoder layer
+      cross-attends the encoder's final output.
     """
 
     config: T5Config
     encoder_heads: Sequence[tuple[str, HeadFactory]] = ()
     output_layer_factory: Callable[..., nn.Module] = OutputProjection
-    encoder_fusion: str = "none"
+    encoder_fusion_factory: EncoderFusionFactory | None = None
 
     def setup(self):
         cfg = self.config
@@ -807,16 +387,15 @@ class T5(nn.Module):
             cfg.d_model,
             dtype=cfg.activation_dtype,
             param_dtype=jnp.float32,
-            embedding_init=_normal(1.0, ("vocab", "embed")),
+            embedding_init=normal_init(1.0, ("vocab", "embed")),
             name="token_embedder",
         )
-        if self.encoder_fusion not in ENCODER_FUSIONS:
-            raise ValueError(
-                f"T5.encoder_fusion={self.encoder_fusion!r}: use one of {ENCODER_FUSIONS}."
-            )
         self.encoder = Encoder(cfg, self.shared_embedding, name="encoder")
         self.decoder = Decoder(
-            cfg, self.shared_embedding, encoder_fusion=self.encoder_fusion, name="decoder"
+            cfg,
+            self.shared_embedding,
+            encoder_fusion_factory=self.encoder_fusion_factory,
+            name="decoder",
         )
         self.output_layer = self.output_layer_factory(cfg, name="output_layer")
         self.heads = {
@@ -837,7 +416,7 @@ class T5(nn.Module):
             encoder_segment_ids,
             deterministic=not enable_dropout,
             return_layer_outputs=return_layer_outputs,
-            return_fusion_layers=self.encoder_fusion != "none",
+            return_fusion_layers=self.encoder_fusion_factory is not None,
         )
 
     def decode(
@@ -864,7 +443,7 @@ class T5(nn.Module):
         if decoder_target_tokens is not None:
             decoder_valid = decoder_target_tokens != self.config.pad_id
         memory = encoder_outputs.encoded
-        if self.encoder_fusion != "none":
+        if self.encoder_fusion_factory is not None:
             memory = encoder_outputs.fusion_layers
         hidden = self.decoder(
             decoder_input_tokens,

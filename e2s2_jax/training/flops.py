@@ -33,8 +33,8 @@ import dataclasses
 
 import flax.linen as nn
 
+from e2s2_jax.models.config import T5Config
 from e2s2_jax.models.fusion import SurfaceFusion
-from e2s2_jax.models.t5 import T5Config
 
 
 @dataclasses.dataclass(frozen=True)
