@@ -35,7 +35,7 @@ MODEL = "--gin_file=gin/models/t5_1_1_tiny.gin"
 FINETUNE_TASK = "downstream_wiki_topic"
 FINETUNE_LENGTHS = {"inputs": 128, "targets": 16}
 FINETUNE_LEARNING_RATE = 3e-3
-SAMPLES = 6
+SAMPLES = 12
 
 
 def run(argv: list[str]) -> None:
@@ -66,14 +66,13 @@ def _majority_rate(examples: int) -> tuple[str, float]:
     return label, 100.0 * labels.count(label) / len(labels)
 
 
-def _sample_examples() -> list[tuple[str, str]]:
-    """(input, label) of the first validation example of each of the first SAMPLES labels met,
-    the input cut to its first 50 words (the model reads the first 128 tokens)."""
-    chosen: dict[str, str] = {}
-    for text, label in _validation_pairs():
-        if label not in chosen and len(chosen) < SAMPLES:
-            chosen[label] = " ".join(text.split()[:50])
-    return [(text, label) for label, text in chosen.items()]
+def _sample_examples(eval_examples: int) -> list[tuple[str, str]]:
+    """(input, label) of SAMPLES validation examples spread evenly over the first
+    `eval_examples` (the ones the accuracy counts), the input cut to its first 40 words (the
+    model reads the first 128 tokens)."""
+    pairs = _validation_pairs()[:eval_examples]
+    picked = [pairs[i * len(pairs) // SAMPLES] for i in range(min(SAMPLES, len(pairs)))]
+    return [(" ".join(text.split()[:40]), label) for text, label in picked]
 
 
 def _print_finetune_summary(
@@ -87,9 +86,50 @@ def _print_finetune_summary(
     print(f"  pretrained checkpoint:  {before['accuracy']:5.1f}%")
     print(f"  fine-tuned checkpoint:  {after['accuracy']:5.1f}%")
     print(f"  (always answering the commonest label, {label!r}: {rate:.1f}%)")
-    print(f"\n  {'input (start)':<44} {'label':<28} pretrained -> fine-tuned")
+    before_right = sum(
+        old == target for (_, target), old in zip(examples, samples["before"], strict=True)
+    )
+    right = sum(new == target for (_, target), new in zip(examples, samples["after"], strict=True))
+    print(
+        f"\n  {len(examples)} of them, evenly spaced ({right} right after fine-tuning, "
+        f"{before_right} before):"
+    )
+    print(f"  {'input (start)':<44} {'label':<28} pretrained -> fine-tuned")
     for (text, target), old, new in zip(examples, samples["before"], samples["after"], strict=True):
-        print(f"  {text[:42] + '..':<44} {target:<28} {old[:18] + '..'!r} -> {new!r}")
+        mark = "right" if new == target else "wrong"
+        print(f"  {text[:42] + '..':<44} {target:<28} {old[:18] + '..'!r} -> {new!r} ({mark})")
+
+
+def _decode_samples(pretrain_dir: str, finetune_dir: str, eval_examples: int):
+    """(input, label) pairs of a few of the evaluated validation examples and the greedy decodes
+    of both checkpoints: {"before": [...], "after": [...]}."""
+    from tasks.downstream import DOWNSTREAM_SPECS
+
+    prefix = DOWNSTREAM_SPECS["wiki_topic"].prefix
+    examples = _sample_examples(eval_examples)
+    inputs_file = os.path.join(finetune_dir, "samples.txt")
+    with open(inputs_file, "w") as f:
+        f.writelines(f"{prefix}{text}\n" for text, _ in examples)
+    samples = {}
+    for name, model_dir in (("before", pretrain_dir), ("after", finetune_dir)):
+        output = os.path.join(finetune_dir, f"samples_{name}.jsonl")
+        run(
+            [
+                "infer",
+                MODEL,
+                "--gin_file=gin/runs/infer.gin",
+                f'--gin.MODEL_DIR="{model_dir}"',
+                f'--gin.infer.mixture_or_task_name="{FINETUNE_TASK}"',
+                f'--gin.infer.input_file="{inputs_file}"',
+                f'--gin.infer.output_file="{output}"',
+                f"--gin.TASK_FEATURE_LENGTHS={FINETUNE_LENGTHS}",
+                '--gin.DecodeConfig.method="greedy"',
+                f"--gin.DecodeConfig.max_decode_length={FINETUNE_LENGTHS['targets']}",
+            ]
+        )
+        with open(output) as f:
+            samples[name] = [json.loads(line)["prediction"] for line in f]
+    return examples, samples
 
 
 def finetune(pretrain_dir: str, finetune_dir: str, steps: int, eval_examples: int) -> None:
@@ -136,33 +176,7 @@ def finetune(pretrain_dir: str, finetune_dir: str, steps: int, eval_examples: in
         + decode
     )
     after = _last_eval(finetune_dir)
-    # A few validation examples, the first of each of SAMPLES labels, decoded by both checkpoints.
-    from tasks.downstream import DOWNSTREAM_SPECS
-
-    prefix = DOWNSTREAM_SPECS["wiki_topic"].prefix
-    examples = _sample_examples()
-    inputs_file = os.path.join(finetune_dir, "samples.txt")
-    with open(inputs_file, "w") as f:
-        f.writelines(f"{prefix}{text}\n" for text, _ in examples)
-    samples = {}
-    for name, model_dir in (("before", pretrain_dir), ("after", finetune_dir)):
-        output = os.path.join(finetune_dir, f"samples_{name}.jsonl")
-        run(
-            [
-                "infer",
-                MODEL,
-                "--gin_file=gin/runs/infer.gin",
-                f'--gin.MODEL_DIR="{model_dir}"',
-                f'--gin.infer.mixture_or_task_name="{FINETUNE_TASK}"',
-                f'--gin.infer.input_file="{inputs_file}"',
-                f'--gin.infer.output_file="{output}"',
-                f"--gin.TASK_FEATURE_LENGTHS={FINETUNE_LENGTHS}",
-                '--gin.DecodeConfig.method="greedy"',
-                f"--gin.DecodeConfig.max_decode_length={FINETUNE_LENGTHS['targets']}",
-            ]
-        )
-        with open(output) as f:
-            samples[name] = [json.loads(line)["prediction"] for line in f]
+    examples, samples = _decode_samples(pretrain_dir, finetune_dir, eval_examples)
     _print_finetune_summary(before, after, examples, samples, eval_examples)
 
 
