@@ -115,7 +115,11 @@ def test_xla_arguments_are_the_sharded_state_and_batch(planned):
     # jit prunes arguments the step never reads (some of optax's placeholders): up to 1 KiB.
     assert state + batch_bytes - 1024 <= xla["argument_bytes"] <= state + batch_bytes + 16
     # The donated state is updated in place: (nearly) the whole output aliases the arguments.
-    assert state - 1024 <= xla["alias_bytes"] <= xla["output_bytes"] <= state + 1024
+    assert state - 1024 <= xla["alias_bytes"] <= state + 16
+    # What is left are the step's metric scalars (the objective's loss terms and normaliser,
+    # grad_norm, nonfinite, learning_rate), each its own output buffer; XLA:CPU reports 1024
+    # bytes for them here (128 apiece, its buffer alignment), so this allows twice that.
+    assert 0 < xla["output_bytes"] - xla["alias_bytes"] <= 16 * 128
     assert row["total_bytes"] == (
         xla["argument_bytes"] + xla["output_bytes"] - xla["alias_bytes"] + xla["temp_bytes"]
     )
