@@ -147,13 +147,17 @@ def finetune(pretrain_dir: str, finetune_dir: str, steps: int, eval_examples: in
         f"--gin.evaluate.max_decode_examples={eval_examples}",
         f"--gin.DecodeConfig.max_decode_length={FINETUNE_LENGTHS['targets']}",
     ]
+
+    def evaluate(model_dir) -> dict:
+        run(
+            ["eval", MODEL, "--gin_file=gin/runs/eval.gin", f'--gin.MODEL_DIR="{model_dir}"']
+            + finetune_task
+            + decode
+        )
+        return _last_eval(model_dir)
+
     print("\n-- the pretrained checkpoint, not fine-tuned: it has never seen a topic label")
-    run(
-        ["eval", MODEL, "--gin_file=gin/runs/eval.gin", f'--gin.MODEL_DIR="{pretrain_dir}"']
-        + finetune_task
-        + decode
-    )
-    before = _last_eval(pretrain_dir)
+    before = evaluate(pretrain_dir)
     run(
         [
             "train",
@@ -170,12 +174,7 @@ def finetune(pretrain_dir: str, finetune_dir: str, steps: int, eval_examples: in
         ]
     )
     print("\n-- the fine-tuned checkpoint")
-    run(
-        ["eval", MODEL, "--gin_file=gin/runs/eval.gin", f'--gin.MODEL_DIR="{finetune_dir}"']
-        + finetune_task
-        + decode
-    )
-    after = _last_eval(finetune_dir)
+    after = evaluate(finetune_dir)
     examples, samples = _decode_samples(pretrain_dir, finetune_dir, eval_examples)
     _print_finetune_summary(before, after, examples, samples, eval_examples)
 

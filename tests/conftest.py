@@ -2,6 +2,8 @@
 
 import os
 
+import pytest
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -38,3 +40,19 @@ def pytest_unconfigure(config):
         import shutil
 
         shutil.rmtree(cache_dir, ignore_errors=True)
+
+
+# The preprocessor tests' vocabulary (a small SentencePiece model trained once per session) and
+# the bundled corpus tokenized with it; a module that needs another `vocabulary` defines its own.
+@pytest.fixture(scope="module")
+def vocabulary(tmp_path_factory):
+    from preprocessor_helpers import small_vocabulary
+
+    return small_vocabulary(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def corpus_tokens(vocabulary):
+    from preprocessor_helpers import encoded_corpus
+
+    return encoded_corpus(vocabulary)

@@ -2,22 +2,11 @@
 ratios, and seeding."""
 
 import numpy as np
-import pytest
 import seqio
-from preprocessor_helpers import encoded_corpus, is_sentinel, run, small_vocabulary, uncorrupt
+from preprocessor_helpers import is_sentinel, run, uncorrupt
 
 from e2s2_jax.data import e2s2_views
 from e2s2_jax.data.preprocessors import pretraining_output_features
-
-
-@pytest.fixture(scope="module")
-def vocabulary(tmp_path_factory):
-    return small_vocabulary(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def corpus_tokens(vocabulary):
-    return encoded_corpus(vocabulary)
 
 
 def e2s2_examples(vocabulary, corpus_tokens, num_examples=300, seed=0, **options):

@@ -5,19 +5,9 @@ import numpy as np
 import pytest
 import seqio
 import tensorflow as tf
-from preprocessor_helpers import encoded_corpus, small_vocabulary, token_dataset
+from preprocessor_helpers import token_dataset
 
 from e2s2_jax.data import preprocessors, span_corruption
-
-
-@pytest.fixture(scope="module")
-def vocabulary(tmp_path_factory):
-    return small_vocabulary(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def corpus_tokens(vocabulary):
-    return encoded_corpus(vocabulary)
 
 
 def test_split_documents_keeps_every_token(vocabulary, corpus_tokens):

@@ -10,7 +10,6 @@ from preprocessor_helpers import (
     bundled_lines,
     is_sentinel,
     run,
-    small_vocabulary,
     token_dataset,
     uncorrupt,
 )
@@ -22,11 +21,6 @@ from e2s2_jax.data.preprocessors import pretraining_output_features
 @pytest.fixture(scope="module")
 def corpus_lines():
     return list(bundled_lines())
-
-
-@pytest.fixture(scope="module")
-def vocabulary(tmp_path_factory):
-    return small_vocabulary(tmp_path_factory)
 
 
 def test_lengths_match_t5_recipe():
