@@ -29,8 +29,6 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
-import shlex
 import sys
 import time
 from collections.abc import Sequence
@@ -38,9 +36,15 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import gin  # noqa: E402
 
-from e2s2_jax import main as entry  # noqa: E402
+from e2s2_jax.stage_report import update_readme as update_stage_readme  # noqa: E402
+from e2s2_jax.study_common import (  # noqa: E402
+    enable_compilation_cache,
+    log,
+    machine_description,
+    read_curve,
+    run_main,
+)
 from e2s2_jax.study_report import (  # noqa: E402
     BASELINE,
     HEADLINE,
@@ -48,6 +52,8 @@ from e2s2_jax.study_report import (  # noqa: E402
     update_readme,
     write_outputs,
 )
+from e2s2_jax.study_stages import SIZES as STAGE_SIZES  # noqa: E402
+from e2s2_jax.study_stages import STAGES, run_stage  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,28 +160,6 @@ OBJECTIVES = {
 VARIANTS = {name: (name, ()) for name in OBJECTIVES} | {
     "span_corruption+surface_fusion": (BASELINE, ("gin/models/surface_fusion_finetune.gin",)),
 }
-
-
-def log(message: str) -> None:
-    print(f"[study {time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
-def run_main(argv: list[str]):
-    """Runs `python -m e2s2_jax.main ARGV` in this process, with the study's tasks (the Gin file
-    that imports `tasks.study` goes first, so the printed command replays from a shell); returns
-    the mode's result (train: last metrics, eval: metrics)."""
-    from tasks.study import STUDY_GIN_FILE
-
-    argv = [argv[0], f"--gin_file={STUDY_GIN_FILE}", *argv[1:]]
-    print("$ python -m e2s2_jax.main " + shlex.join(argv), flush=True)
-    gin.clear_config()
-    args, bindings = entry.parse_flags(argv)
-    entry.parse_gin(args.mode, args.gin_file, bindings, args.gin_search_paths)
-    if args.mode == "ssr-generate":
-        from e2s2_jax.ssr.job import ssr_generate
-
-        return ssr_generate()
-    return {"train": entry.train, "eval": entry.evaluate}[args.mode]()
 
 
 def _lengths(lengths: tuple[int, int]) -> str:
@@ -405,24 +389,6 @@ class Study:
         }
 
 
-def read_curve(path: Path) -> list[list[float]]:
-    """[[step, loss], ...] of a run's train_metrics.jsonl (the objective's own loss)."""
-    if not path.exists():
-        return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [[row["step"], row["loss"]] for row in rows if "loss" in row]
-
-
-def machine_description() -> str:
-    import jax
-
-    device = jax.devices()[0]
-    return (
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
-        f"jax {jax.__version__} on {device.platform} ({device.device_kind})"
-    )
-
-
 def check_settings(out_dir: Path, size_name: str, size: StudySize) -> None:
     """Records the size's settings in out_dir/settings.json, or refuses to resume runs made
     with other settings (a finished run is recognised by its step count alone)."""
@@ -443,15 +409,6 @@ def check_settings(out_dir: Path, size_name: str, size: StudySize) -> None:
         path.write_text(json.dumps(settings, indent=1))
 
 
-def _enable_compilation_cache(out_dir: Path) -> None:
-    # Every fine-tune of a size compiles the same programs: cache them across runs.
-    import jax
-
-    jax.config.update("jax_compilation_cache_dir", str(out_dir / "jax_cache"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     from tasks.downstream import DOWNSTREAM_SPECS
 
@@ -461,7 +418,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--quick", action="store_true", help="the same as --size quick")
-    parser.add_argument("--size", choices=sorted(SIZES), default=None)
+    parser.add_argument("--size", choices=sorted(SIZES.keys() | STAGE_SIZES.keys()), default=None)
+    parser.add_argument(
+        "--stage",
+        choices=STAGES,
+        default=None,
+        help="run one stage of the staged study (sizes smoke, medium, small) into OUT/SIZE/",
+    )
     parser.add_argument("--out", default="study", help="output directory (default: study/)")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument(
@@ -480,6 +443,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     out_dir = Path(args.out).resolve()
+    if args.stage is not None:
+        return _main_stage(parser, args, out_dir)
     if args.render:
         if not (out_dir / "results.json").is_file():
             parser.error(
@@ -490,6 +455,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.readme:
             update_readme(results, out_dir, Path(args.readme).resolve())
         return 0
+    if args.size not in (None, *SIZES):
+        parser.error(f"--size {args.size} is a size of the staged study: give --stage too")
     if args.quick and args.size not in (None, "quick"):
         parser.error("--quick is --size quick; give one of them")
     size_name = "quick" if args.quick or args.size is None else args.size
@@ -505,7 +472,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--seeds must be at least 1")
     out_dir.mkdir(parents=True, exist_ok=True)
     check_settings(out_dir, size_name, SIZES[size_name])
-    _enable_compilation_cache(out_dir)
+    enable_compilation_cache(out_dir)
     log(f"size {size_name}, {args.seeds} seeds, tasks {tasks}, output {out_dir}")
     study = Study(SIZES[size_name], out_dir, range(args.seeds), tasks, objectives)
     results = study.run()
@@ -515,6 +482,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         update_readme(results, out_dir, Path(args.readme).resolve())
     log(f"done in {results['elapsed_s'] / 60:.1f} min: {out_dir}/results.md\n")
     print((out_dir / "results.md").read_text())
+    return 0
+
+
+def _main_stage(parser: argparse.ArgumentParser, args, out_dir: Path) -> int:
+    """--stage: one stage of the staged study (e2s2_jax/study_stages.py)."""
+    if args.quick or args.size not in STAGE_SIZES:
+        parser.error(f"--stage needs --size, one of {sorted(STAGE_SIZES)}")
+    if args.seeds < 1:
+        parser.error("--seeds must be at least 1")
+    tasks = [t for t in args.tasks.split(",") if t]
+    unknown = sorted(set(tasks) - set(HEADLINE))
+    if unknown:
+        parser.error(f"--tasks: unknown {unknown}; choose from {sorted(HEADLINE)}")
+    root = out_dir / args.size
+    if not args.render:
+        root.mkdir(parents=True, exist_ok=True)
+        enable_compilation_cache(root)
+        log(f"stage {args.stage}, size {args.size}, {args.seeds} seeds, output {root}")
+        results = run_stage(args.stage, args.size, root, range(args.seeds), tasks)
+        log(f"stage {args.stage} {results['status']}: {root / args.stage}/results.md\n")
+        print((root / args.stage / "results.md").read_text())
+    if args.readme:
+        update_stage_readme(root, STAGES, Path(args.readme).resolve())
     return 0
 
 

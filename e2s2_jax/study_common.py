@@ -1,0 +1,63 @@
+"""What both studies (e2s2_jax/study.py, e2s2_jax/study_stages.py) run their jobs with: the
+trainer in this process with the study's tasks, the progress line, the machine's description,
+a run's loss curve, the compilation cache."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import time
+from pathlib import Path
+
+import gin
+import jax
+
+from e2s2_jax import main as entry
+from e2s2_jax.ssr.job import ssr_generate
+
+
+def log(message: str) -> None:
+    print(f"[study {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def run_main(argv: list[str]):
+    """Runs `python -m e2s2_jax.main ARGV` in this process, with the study's tasks (the Gin file
+    that imports `tasks.study` goes first, so the printed command replays from a shell); returns
+    the mode's result (train: last metrics, eval: metrics)."""
+    # Imported here, not at the top: importing tasks.study trains (or finds cached) the study
+    # vocabulary and registers the tasks, work a `--render` or `--help` should not do.
+    from tasks.study import STUDY_GIN_FILE
+
+    argv = [argv[0], f"--gin_file={STUDY_GIN_FILE}", *argv[1:]]
+    print("$ python -m e2s2_jax.main " + shlex.join(argv), flush=True)
+    gin.clear_config()
+    args, bindings = entry.parse_flags(argv)
+    entry.parse_gin(args.mode, args.gin_file, bindings, args.gin_search_paths)
+    if args.mode == "ssr-generate":
+        return ssr_generate()
+    return {"train": entry.train, "eval": entry.evaluate}[args.mode]()
+
+
+def read_curve(path: Path) -> list[list[float]]:
+    """[[step, loss], ...] of a run's train_metrics.jsonl (the objective's own loss)."""
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [[row["step"], row["loss"]] for row in rows if "loss" in row]
+
+
+def machine_description() -> str:
+    device = jax.devices()[0]
+    return (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
+        f"jax {jax.__version__} on {device.platform} ({device.device_kind})"
+    )
+
+
+def enable_compilation_cache(out_dir: Path) -> None:
+    # Every fine-tune of a size compiles the same programs: cache them across runs.
+    jax.config.update("jax_compilation_cache_dir", str(out_dir / "jax_cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
