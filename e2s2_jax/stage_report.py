@@ -20,6 +20,8 @@ from matplotlib.figure import Figure
 
 from e2s2_jax.study_report import HEADLINE
 
+# The headline metric of each task, and of the e2s2 stage's frozen-encoder probe.
+HEADLINES = {**HEADLINE, "probe_wiki_topic": "probe_accuracy"}
 # Pretraining must beat random initialisation outside the noise on this many tasks.
 GATE_TASKS = 3
 # What each stage's paper reports for its arms against the reference arm: +1 better, -1 worse.
@@ -31,7 +33,7 @@ def paired_differences(runs: dict, arm: str, reference: str) -> dict:
     headline metric, arm minus reference, over the seeds both arms have for that dataset."""
     out: dict = {}
     for dataset, by_seed in runs.get(arm, {}).items():
-        metric = HEADLINE[dataset]
+        metric = HEADLINES[dataset]
         base = runs.get(reference, {}).get(dataset, {})
         seeds = sorted((s for s in by_seed if s in base), key=int)
         if not seeds:
@@ -110,7 +112,7 @@ def markdown(results: dict) -> str:
     for arm in _arms(results):
         cells = []
         for dataset in tasks:
-            values = [m[HEADLINE[dataset]] for m in results["runs"][arm].get(dataset, {}).values()]
+            values = [m[HEADLINES[dataset]] for m in results["runs"][arm].get(dataset, {}).values()]
             if values:
                 std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
                 cells.append(f"{np.mean(values):.2f} ± {std:.2f} (n={len(values)})")
@@ -180,7 +182,7 @@ def differences_figure(results: dict) -> Figure:
                      color=f"C{i}", alpha=0.7, label=label)  # fmt: skip
             axis.plot([x] * entry["n"], entry["diffs"], "k.", markersize=4)
     axis.axhline(0.0, color="grey", linewidth=0.8)
-    axis.set_xticks(range(len(tasks)), [f"{t}\n({HEADLINE[t]})" for t in tasks], fontsize=8)
+    axis.set_xticks(range(len(tasks)), [f"{t}\n({HEADLINES[t]})" for t in tasks], fontsize=8)
     axis.set_ylabel("paired difference (mean ± 2 s.e.; dots: seeds)")
     axis.set_title(f"{results['stage']} ({results['size_name']})")
     axis.legend(fontsize=7)

@@ -35,9 +35,13 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from e2s2_jax.stage_report import paired_differences, sensitivity_verdict, write_stage_outputs
+from e2s2_jax.stage_report import (
+    HEADLINES,
+    paired_differences,
+    sensitivity_verdict,
+    write_stage_outputs,
+)
 from e2s2_jax.study_common import log, machine_description, read_curve, run_main
-from e2s2_jax.study_report import HEADLINE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +54,7 @@ class StageSize:
     pretrain_batch: int
     pretrain_lengths: tuple[int, int]
     pretrain_peak_lr: float
+    continue_steps: int  # each arm's continued pretraining from span corruption (e2s2, ssr)
     finetune_steps: int
     finetune_batch: int
     finetune_lengths: tuple[int, int]
@@ -74,6 +79,7 @@ SIZES = {
         pretrain_batch=8,
         pretrain_lengths=(64, 16),
         pretrain_peak_lr=0.01,
+        continue_steps=2,
         finetune_steps=2,
         finetune_batch=8,
         finetune_lengths=(32, 16),
@@ -81,7 +87,7 @@ SIZES = {
         translation_steps=2,
         translation_batch=8,
         translation_lengths=(32, 16),
-        translation_peak_lr=1e-3,
+        translation_peak_lr=0.01,
         generator_steps=3,
         ssr_examples=32,
         decode_batch=8,
@@ -102,15 +108,16 @@ SIZES = {
         pretrain_batch=32,
         pretrain_lengths=(128, 32),
         pretrain_peak_lr=0.01,
+        continue_steps=500,
         finetune_steps=300,
         finetune_batch=32,
         finetune_lengths=(128, 64),
         finetune_lr=1e-3,
-        translation_steps=1000,
+        translation_steps=800,
         translation_batch=32,
-        translation_lengths=(96, 96),
-        translation_peak_lr=3e-3,
-        generator_steps=4000,
+        translation_lengths=(64, 64),
+        translation_peak_lr=0.01,
+        generator_steps=3000,
         ssr_examples=8192,
         decode_batch=64,
         decode_examples=-1,
@@ -130,6 +137,7 @@ SIZES = {
         pretrain_batch=128,
         pretrain_lengths=(512, 114),
         pretrain_peak_lr=0.01,
+        continue_steps=5000,
         finetune_steps=2000,
         finetune_batch=64,
         finetune_lengths=(256, 128),
@@ -137,7 +145,7 @@ SIZES = {
         translation_steps=20000,
         translation_batch=128,
         translation_lengths=(128, 128),
-        translation_peak_lr=2e-3,
+        translation_peak_lr=0.01,
         generator_steps=40000,
         ssr_examples=200_000,
         decode_batch=256,
@@ -150,11 +158,60 @@ SIZES = {
 STAGE_FIELDS = {
     "sensitivity": ("model_gin", "pretrain_", "finetune_", "decode_"),
     "surface_fusion": ("model_gin", "translation_", "decode_"),
-    "e2s2": ("model_gin", "pretrain_", "finetune_", "decode_", "probe_"),
-    "ssr": ("model_gin", "pretrain_", "finetune_", "decode_", "generator_", "ssr_"),
+    "e2s2": ("model_gin", "pretrain_", "continue_", "finetune_", "decode_", "probe_"),
+    "ssr": ("model_gin", "pretrain_", "continue_", "finetune_", "decode_", "generator_", "ssr_"),
 }
 STAGES = tuple(STAGE_FIELDS)
+
+# surface_fusion: {arm: model Gin files}, trained from scratch with the reference's recipe.
 TRANSLATION_TASKS = ("kjv_to_sparv", "kjv_to_web")
+SURFACE_FUSION_ARMS = {
+    "translation_plain": (),
+    "translation_surface_fusion_hard": ("gin/models/surface_fusion.gin",),
+    "translation_encoder_fusion_layer_attention": (
+        "gin/models/encoder_fusion_layer_attention.gin",
+    ),
+}
+TRANSLATION_BINDINGS = (
+    "T5Config.tie_word_embeddings=True",
+    "T5Config.scale_decoder_outputs=True",
+    "T5Config.dropout_rate=0.1",
+    "Seq2SeqObjective.label_smoothing=0.1",
+)
+SURFACE_FUSION_COMPARISONS = [
+    ("translation_surface_fusion_hard", "translation_plain"),
+    ("translation_encoder_fusion_layer_attention", "translation_plain"),
+]
+
+# e2s2: {arm: (pretraining task kind, Gin arguments)}, each continuing span corruption.
+E2S2_ARMS = {
+    "continued_span_corruption": ("span_corruption", ()),
+    "continued_e2s2": ("e2s2", ("--gin_file=gin/objectives/e2s2.gin",)),
+    # The weights tests/test_e2s2_training.py and the README use to move the heads quickly.
+    "continued_e2s2_strong": (
+        "e2s2",
+        (
+            "--gin_file=gin/objectives/e2s2.gin",
+            "--gin.E2S2Objective.denoise_weight=1.0",
+            "--gin.E2S2Objective.contrast_weight=0.5",
+        ),
+    ),
+}
+PROBE = "probe_wiki_topic"  # the frozen-encoder linear probe, reported like a task
+E2S2_TASKS = ("spelling_grammar", "wiki_topic")
+E2S2_COMPARISONS = [
+    ("continued_e2s2", "continued_span_corruption"),
+    ("continued_e2s2_strong", "continued_span_corruption"),
+]
+
+# ssr: the student continues on SSR records mixed 50/50 with span corruption, filled by a
+# generator larger than it or by one of its own size, against span corruption alone.
+SSR_ARMS = ("continued_span_corruption", "continued_ssr_large", "continued_ssr_student")
+SSR_TASKS = ("kjv_to_web", "spelling_grammar")
+SSR_COMPARISONS = [
+    ("continued_ssr_large", "continued_span_corruption"),
+    ("continued_ssr_student", "continued_span_corruption"),
+]
 
 
 def _lengths(lengths: Sequence[int]) -> str:
@@ -219,6 +276,7 @@ class StageRunner:
         self.spm_path = tasks.study.STUDY_VOCABULARY_PATH
         self.pretrain_tasks = tasks.study.STUDY_PRETRAIN_TASKS
         self.started = time.time()
+        self.used: set[Path] = set()  # the run directories this stage has used
 
     # ------------------------------------------------------------------ the runs
 
@@ -236,6 +294,7 @@ class StageRunner:
         size = self.size
         steps = steps or size.pretrain_steps
         model_dir = self.runs / "pretrain" / name / f"seed{seed}"
+        self.used.add(model_dir)
         if _finished(model_dir, steps):
             return model_dir
         log(f"pretrain {name}, seed {seed}: {steps} steps ({self.elapsed()})")
@@ -283,23 +342,21 @@ class StageRunner:
 
         size = self.size
         model_dir = self.runs / "finetune" / arm / f"seed{seed}" / dataset
+        self.used.add(model_dir)
         result_path = model_dir / "test_metrics.json"
         if result_path.exists():
             return json.loads(result_path.read_text())
         log(f"fine-tune {arm}, seed {seed}, {dataset} ({self.elapsed()})")
-        if translation:
+        if translation:  # from scratch: the pretraining optimizer, warm-up then cosine decay
             steps, batch, lengths = (
                 size.translation_steps,
                 size.translation_batch,
                 size.translation_lengths,
             )
             schedule = [
-                "--gin.LEARNING_RATE=@optax.warmup_cosine_decay_schedule()",
-                "--gin.optax.warmup_cosine_decay_schedule.init_value=0.0",
+                "--gin_file=gin/runs/adamw.gin",
                 f"--gin.optax.warmup_cosine_decay_schedule.peak_value={size.translation_peak_lr}",
                 f"--gin.optax.warmup_cosine_decay_schedule.warmup_steps={max(1, steps // 10)}",
-                f"--gin.optax.warmup_cosine_decay_schedule.decay_steps={steps}",
-                "--gin.optax.warmup_cosine_decay_schedule.end_value=0.0",
             ]
         else:
             steps, batch, lengths = size.finetune_steps, size.finetune_batch, size.finetune_lengths
@@ -319,12 +376,13 @@ class StageRunner:
                     "train",
                     files[0],
                     "--gin_file=gin/runs/finetune.gin",
+                    *[a for a in schedule if a.startswith("--gin_file")],
                     *files[1:],
                     *common,
                     f"--gin.INITIAL_CHECKPOINT={initial_arg}",
                     f"--gin.TRAIN_STEPS={steps}",
                     f"--gin.BATCH_SIZE={batch}",
-                    *schedule,
+                    *[a for a in schedule if not a.startswith("--gin_file")],
                     f"--gin.train.seed={seed}",
                     f"--gin.train.data_seed={seed}",
                     f"--gin.train.log_every={max(1, steps // 10)}",
@@ -384,6 +442,156 @@ class StageRunner:
                     )
         return self.write("sensitivity", tasks, runs, [("span_corruption", "random_init")], True)
 
+    def surface_fusion(self, tasks: Sequence[str]) -> dict:
+        tasks = [t for t in tasks if t in TRANSLATION_TASKS] or list(TRANSLATION_TASKS)
+        runs: dict = {}
+        for seed in self.seeds:
+            for dataset in tasks:
+                for arm, model_files in SURFACE_FUSION_ARMS.items():
+                    metrics = self.finetune(
+                        arm,
+                        seed,
+                        dataset,
+                        None,
+                        model_files,
+                        TRANSLATION_BINDINGS,
+                        translation=True,
+                        beam=True,
+                    )
+                    runs.setdefault(arm, {}).setdefault(dataset, {})[str(seed)] = metrics
+                    self.write("surface_fusion", tasks, runs, SURFACE_FUSION_COMPARISONS, False)
+        return self.write("surface_fusion", tasks, runs, SURFACE_FUSION_COMPARISONS, True)
+
+    def continued(self, name: str, seed: int, task: str, extra: Sequence[str] = ()) -> Path:
+        """The seed's span-corruption checkpoint continued for continue_steps."""
+        return self.pretrain(
+            name,
+            seed,
+            task,
+            extra,
+            initial=self.span_corruption(seed),
+            steps=self.size.continue_steps,
+        )
+
+    def e2s2(self, tasks: Sequence[str]) -> dict:
+        del tasks  # the stage's tasks are fixed: the probe, spelling_grammar, wiki_topic
+        runs: dict = {}
+        for seed in self.seeds:
+            for arm, (task_kind, extra) in E2S2_ARMS.items():
+                checkpoint = self.continued(arm, seed, self.pretrain_tasks[task_kind], extra)
+                runs.setdefault(arm, {}).setdefault(PROBE, {})[str(seed)] = self.probe(checkpoint)
+                for dataset in E2S2_TASKS:
+                    metrics = self.finetune(arm, seed, dataset, checkpoint)
+                    runs[arm].setdefault(dataset, {})[str(seed)] = metrics
+                self.write("e2s2", (PROBE, *E2S2_TASKS), runs, E2S2_COMPARISONS, False, E2S2_ARMS)
+        return self.write("e2s2", (PROBE, *E2S2_TASKS), runs, E2S2_COMPARISONS, True, E2S2_ARMS)
+
+    def probe(self, model_dir: Path) -> dict:
+        """The frozen encoder's linear probe on wiki_topic (e2s2_jax/probe.py)."""
+        path = model_dir / "probe_metrics.json"
+        if path.exists():
+            return json.loads(path.read_text())
+        log(f"probe {model_dir} ({self.elapsed()})")
+        return run_main(
+            [
+                "probe",
+                f"--gin_file={self.size.model_gin}",
+                "--gin_file=gin/runs/probe.gin",
+                f'--gin.MODEL_DIR="{model_dir}"',
+                '--gin.MIXTURE_OR_TASK_NAME="downstream_wiki_topic"',
+                _lengths(self.size.finetune_lengths),
+                f"--gin.probe.max_train_examples={self.size.probe_examples}",
+                f"--gin.probe.max_test_examples={max(0, self.size.decode_examples)}",
+            ]
+        )
+
+    def generator(self, name: str) -> tuple[Path, dict]:
+        """SSR records filled by generator `name`: "large" (the generator size, trained
+        generator_steps) or "student" (the student's own seed-0 span-corruption checkpoint)."""
+        size = self.size
+        records_dir = self.runs / "ssr_records" / name
+        bindings = size.generator_bindings if name == "large" else ()
+        if name == "large":
+            generator_dir = self.pretrain(
+                "ssr_generator_large",
+                0,
+                self.pretrain_tasks["span_corruption"],
+                model_bindings=bindings,
+                steps=size.generator_steps,
+            )
+        else:
+            generator_dir = self.span_corruption(0)
+        if not (records_dir / "summary.json").exists():
+            log(f"SSR records: generator {name} fills {size.ssr_examples} windows")
+            run_main(
+                [
+                    "ssr-generate",
+                    f"--gin_file={size.model_gin}",
+                    "--gin_file=gin/runs/ssr_generate.gin",
+                    *(f"--gin.{b}" for b in bindings),
+                    f'--gin.GENERATOR_DIR="{generator_dir}"',
+                    f'--gin.SSR_OUTPUT_DIR="{records_dir}"',
+                    "--gin.ssr_generate.mixture_or_task_name="
+                    f'"{self.pretrain_tasks["span_corruption"]}"',
+                    f'--gin.ssr_generate.vocabulary_model="{self.spm_path}"',
+                    f"--gin.ssr_generate.max_examples={size.ssr_examples}",
+                    f"--gin.ssr_generate.max_words_per_example={size.pretrain_lengths[0] // 2}",
+                    f"--gin.ssr_generate.max_input_length={size.pretrain_lengths[0]}",
+                    "--gin.ssr_generate.examples_per_chunk=512",
+                ]
+            )
+        summary = json.loads((records_dir / "summary.json").read_text())
+        if not summary.get("kept"):
+            raise RuntimeError(
+                f"SSR generation kept no records ({records_dir}/summary.json): the generator "
+                f"{generator_dir} is too weakly trained; give it more steps"
+            )
+        return records_dir, summary
+
+    def ssr(self, tasks: Sequence[str]) -> dict:
+        del tasks  # the stage's tasks are fixed: kjv_to_web, spelling_grammar
+        records = {name: self.generator(name) for name in ("large", "student")}
+        generators = {
+            name: {
+                "examples": summary["examples"],
+                "kept": summary["kept"],
+                "drop_rate": 1.0 - summary["kept"] / summary["examples"],
+                "dropped": summary.get("dropped", {}),
+            }
+            for name, (_, summary) in records.items()
+        }
+        runs: dict = {}
+        for seed in self.seeds:
+            for arm in SSR_ARMS:
+                if arm == "continued_span_corruption":
+                    task, extra = self.pretrain_tasks["span_corruption"], ()
+                else:
+                    generator = arm.removeprefix("continued_ssr_")
+                    task, extra = None, self.ssr_gin(generator, records[generator][0])
+                checkpoint = self.continued(arm, seed, task, extra)
+                for dataset in SSR_TASKS:
+                    metrics = self.finetune(arm, seed, dataset, checkpoint)
+                    runs.setdefault(arm, {}).setdefault(dataset, {})[str(seed)] = metrics
+                self.write(
+                    "ssr", SSR_TASKS, runs, SSR_COMPARISONS, False, SSR_ARMS,
+                    {"generators": generators},
+                )  # fmt: skip
+        return self.write(
+            "ssr", SSR_TASKS, runs, SSR_COMPARISONS, True, SSR_ARMS, {"generators": generators}
+        )
+
+    def ssr_gin(self, generator: str, records_dir: Path) -> list[str]:
+        """The student's continuation on a 50/50 mix of SSR records and span corruption."""
+        return [
+            "--gin_file=gin/objectives/ssr.gin",
+            f'--gin.SSR_RECORDS_DIR="{records_dir}"',
+            "--gin.SSR_SPAN_CORRUPTION_RATE=0.5",
+            f'--gin.ssr_mixture_or_task.name="study_ssr_{generator}"',
+            f'--gin.ssr_mixture_or_task.vocabulary_model="{self.spm_path}"',
+            "--gin.ssr_mixture_or_task.span_corruption_task="
+            f'"{self.pretrain_tasks["span_corruption"]}"',
+        ]
+
     # ------------------------------------------------------------------ results
 
     def curves(self, names: Sequence[str]) -> dict:
@@ -398,8 +606,10 @@ class StageRunner:
         }
 
     def seconds(self) -> float:
-        """The seconds every run under runs/ has taken, over every session."""
-        return sum(json.loads(p.read_text()) for p in self.runs.rglob("seconds.json"))
+        """The seconds the runs this stage used have taken, over every session (a checkpoint
+        shared with an earlier stage counts in both)."""
+        paths = [d / "seconds.json" for d in self.used]
+        return sum(json.loads(p.read_text()) for p in paths if p.exists())
 
     def write(
         self,
@@ -420,7 +630,7 @@ class StageRunner:
             "settings": stage_settings(stage, self.size_name, self.size),
             "seeds": self.seeds,
             "tasks": list(tasks),
-            "headline_metrics": {t: HEADLINE[t] for t in tasks},
+            "headline_metrics": {t: HEADLINES[t] for t in tasks},
             "machine": machine_description(),
             "date": time.strftime("%Y-%m-%d"),
             "runs_seconds": round(self.seconds(), 1),
