@@ -34,6 +34,11 @@ INTEGER_SETTINGS = {
         ("evaluate", "max_decode_examples", 0),
     ),
     "infer": (("infer", "batch_size", 1), ("infer", "max_examples", 1)),
+    "probe": (
+        ("probe", "batch_size", 1),
+        ("probe", "max_train_examples", 0),
+        ("probe", "max_test_examples", 0),
+    ),
     "ssr-generate": (),
 }
 

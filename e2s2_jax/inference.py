@@ -46,14 +46,16 @@ def _decode_texts(
             yield vocabulary.decode(ids), float(score)
 
 
-def _pad_rows(rows: list[np.ndarray], length: int) -> np.ndarray:
+def pad_rows(rows: list[np.ndarray], length: int) -> np.ndarray:
+    """`[len(rows), length]` int32 tokens: each row cut to `length`, then padded with 0."""
     out = np.zeros((len(rows), length), np.int32)
     for i, row in enumerate(rows):
         out[i, : min(len(row), length)] = row[:length]
     return out
 
 
-def _target_text(example: Mapping, vocabulary) -> str:
+def target_text(example: Mapping, vocabulary) -> str:
+    """A task example's target as text: its `targets_pretokenized`, else the decoded tokens."""
     if "targets_pretokenized" in example:
         return example["targets_pretokenized"].decode()
     return vocabulary.decode([int(t) for t in example["targets"] if t > 1])
@@ -110,7 +112,7 @@ def evaluate(
         vocabulary = task.output_features["targets"].vocabulary
         rows = [e["inputs"] for e in examples]
         token_batches = [
-            _pad_rows(rows[i : i + batch_size], task_feature_lengths["inputs"])
+            pad_rows(rows[i : i + batch_size], task_feature_lengths["inputs"])
             for i in range(0, len(rows), batch_size)
         ]
         decoded = _decode_texts(model, params, decode_config, vocabulary, token_batches)
@@ -121,7 +123,7 @@ def evaluate(
             for (text, _), example in zip(decoded, examples, strict=True)
         ]
         targets = [
-            task.postprocess_fn(_target_text(example, vocabulary), example=example, is_target=True)
+            task.postprocess_fn(target_text(example, vocabulary), example=example, is_target=True)
             for example in examples
         ]
         for metric_fn in metric_fns:
@@ -218,7 +220,7 @@ def infer(
         row for row, record in zip(rows, records, strict=True) if record["input"].strip()
     ]
     token_batches = [
-        _pad_rows(decode_rows[i : i + batch_size], length)
+        pad_rows(decode_rows[i : i + batch_size], length)
         for i in range(0, len(decode_rows), batch_size)
     ]
     outputs = _decode_texts(model, params, decode_config, vocabulary, token_batches, seed)

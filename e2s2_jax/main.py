@@ -6,6 +6,7 @@
         --gin.TASK_FEATURE_LENGTHS="{'inputs': 128, 'targets': 32}" --gin.TRAIN_STEPS=1000
     python -m e2s2_jax.main eval  ... (same Gin files; `gin/runs/eval.gin`)
     python -m e2s2_jax.main infer ... (`gin/runs/infer.gin`; a task split or a text file)
+    python -m e2s2_jax.main probe ... (`gin/runs/probe.gin`; a linear probe of the encoder)
     python -m e2s2_jax.main ssr-generate ... (`gin/runs/ssr_generate.gin`; SSR's generation job)
     python -m e2s2_jax.main convert {import,export} ...   (Hugging Face <-> params; see --help)
 
@@ -36,6 +37,7 @@ from e2s2_jax.console import console  # noqa: E402
 from e2s2_jax.errors import EXIT_BAD_INPUT, EXIT_PREEMPTED, ConfigError, TrainingStopped  # noqa: E402
 from e2s2_jax.inference import evaluate, infer  # noqa: E402
 from e2s2_jax.interop import hf  # noqa: E402
+from e2s2_jax.probe import probe  # noqa: E402
 from e2s2_jax.ssr.job import ssr_generate  # noqa: E402
 from e2s2_jax.training.checkpoints import CheckpointError  # noqa: E402
 from e2s2_jax.training.trainer import train  # noqa: E402
@@ -46,10 +48,17 @@ REQUIRED_MACROS = {
     "train": ("MODEL_DIR", "MIXTURE_OR_TASK_NAME", "TASK_FEATURE_LENGTHS", "TRAIN_STEPS"),
     "eval": ("MODEL_DIR", "MIXTURE_OR_TASK_NAME", "TASK_FEATURE_LENGTHS"),
     "infer": ("MODEL_DIR", "TASK_FEATURE_LENGTHS"),
+    "probe": ("MODEL_DIR", "MIXTURE_OR_TASK_NAME", "TASK_FEATURE_LENGTHS"),
     "ssr-generate": (),  # its Gin file marks its own macros %gin.REQUIRED
 }
 # The job each mode runs: Gin configurables (`train.batch_size = ...` in gin/runs/*.gin).
-JOBS = {"train": train, "eval": evaluate, "infer": infer, "ssr-generate": ssr_generate}
+JOBS = {
+    "train": train,
+    "eval": evaluate,
+    "infer": infer,
+    "probe": probe,
+    "ssr-generate": ssr_generate,
+}
 
 
 # ----------------------------------------------------------------------------- Gin set-up
@@ -69,7 +78,7 @@ def parse_flags(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("mode", choices=("train", "eval", "infer", "ssr-generate"))
+    parser.add_argument("mode", choices=tuple(JOBS))
     parser.add_argument("--gin_file", action="append", default=[])
     parser.add_argument("--gin_bindings", action="append", default=[])
     parser.add_argument(
@@ -216,7 +225,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"warning: macros bound in the Gin files but used by no binding: {unused}"
             )
         gin_checks.check_integer_settings(
-            args.mode, {"train": train, "evaluate": evaluate, "infer": infer}
+            args.mode, {"train": train, "evaluate": evaluate, "infer": infer, "probe": probe}
         )
         JOBS[args.mode]()
     except (ConfigError, CheckpointError) as error:
