@@ -15,7 +15,6 @@ import gin
 import jax
 
 from e2s2_jax import main as entry
-from e2s2_jax.ssr.job import ssr_generate
 
 
 def log(message: str) -> None:
@@ -25,7 +24,7 @@ def log(message: str) -> None:
 def run_main(argv: list[str]):
     """Runs `python -m e2s2_jax.main ARGV` in this process, with the study's tasks (the Gin file
     that imports `tasks.study` goes first, so the printed command replays from a shell); returns
-    the mode's result (train: last metrics, eval: metrics)."""
+    the job's result (train: last metrics; eval, probe: metrics)."""
     # Imported here, not at the top: importing tasks.study trains (or finds cached) the study
     # vocabulary and registers the tasks, work a `--render` or `--help` should not do.
     from tasks.study import STUDY_GIN_FILE
@@ -35,9 +34,7 @@ def run_main(argv: list[str]):
     gin.clear_config()
     args, bindings = entry.parse_flags(argv)
     entry.parse_gin(args.mode, args.gin_file, bindings, args.gin_search_paths)
-    if args.mode == "ssr-generate":
-        return ssr_generate()
-    return {"train": entry.train, "eval": entry.evaluate}[args.mode]()
+    return entry.JOBS[args.mode]()
 
 
 def read_curve(path: Path) -> list[list[float]]:
