@@ -39,6 +39,8 @@ SAMPLES = 12
 
 
 def run(argv: list[str]) -> None:
+    # The demo's own lines (stage headers, these commands, the results) are the command's output
+    # to its reader, printed; the jobs it runs log through `e2s2_jax.console` to the same stdout.
     print("\n$ python -m e2s2_jax.main " + " ".join(shlex.quote(a) for a in argv), flush=True)
     gin.clear_config()
     code = entry.main(argv)
@@ -53,6 +55,8 @@ def _last_eval(model_dir: str) -> dict:
 
 
 def _validation_pairs() -> list[tuple[str, str]]:
+    # Importing `tasks` registers every task and builds the demo vocabulary on a first run: done
+    # by stage 1's Gin files, after its header, not at `--help` (here and in `_decode_samples`).
     from tasks.downstream import dataset_files, read_tsv_examples
 
     return read_tsv_examples(dataset_files("wiki_topic")["validation"])
@@ -103,7 +107,7 @@ def _print_finetune_summary(
 def _decode_samples(pretrain_dir: str, finetune_dir: str, eval_examples: int):
     """(input, label) pairs of a few of the evaluated validation examples and the greedy decodes
     of both checkpoints: {"before": [...], "after": [...]}."""
-    from tasks.downstream import DOWNSTREAM_SPECS
+    from tasks.downstream import DOWNSTREAM_SPECS  # not at the top: see `_validation_pairs`
 
     prefix = DOWNSTREAM_SPECS["wiki_topic"].prefix
     examples = _sample_examples(eval_examples)

@@ -23,6 +23,10 @@ class RunLockedError(ConfigError):
     """MODEL_DIR is in use by another live run."""
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used, with what to do about it."""
+
+
 class TrainingStopped(RuntimeError):
     """The trainer stopped early on purpose; `exit_status` says why (see the table above)."""
 

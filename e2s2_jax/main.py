@@ -229,6 +229,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         JOBS[args.mode]()
     except (ConfigError, CheckpointError) as error:
+        # The exit reason is the command's result, not a log line (`console`): printed on
+        # stderr by every process, since a process's bad input or damaged file is its own.
         print(f"error: {_without_gin_call_notes(error)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except TrainingStopped as error:

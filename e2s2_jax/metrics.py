@@ -9,6 +9,8 @@ from __future__ import annotations
 import difflib
 from collections.abc import Mapping, Sequence
 
+import sacrebleu
+
 Edit = tuple[int, int, tuple[str, ...]]
 
 
@@ -42,8 +44,6 @@ def accuracy(targets: Sequence[str], predictions: Sequence[str]) -> dict[str, fl
 
 def bleu(targets: Sequence[str], predictions: Sequence[str]) -> dict[str, float]:
     """{"bleu": corpus BLEU} from sacrebleu's defaults (13a tokenisation, exp smoothing, cased)."""
-    import sacrebleu
-
     _check(targets, predictions)
     return {"bleu": sacrebleu.corpus_bleu(list(predictions), [list(targets)]).score}
 
@@ -54,6 +54,7 @@ def rouge(targets: Sequence[str], predictions: Sequence[str]) -> dict[str, float
     rougeLsum treats newlines as sentence boundaries (union LCS over sentences); on single-line
     texts it equals rougeL.
     """
+    # Imported here: rouge_score loads NLTK (3 s), which every `import tasks` would pay.
     from rouge_score import rouge_scorer
 
     _check(targets, predictions)

@@ -692,6 +692,23 @@ def test_layer_attention_on_the_top_layer_only_equals_the_plain_model(baseline):
     assert not np.allclose(averaged, expected, atol=1e-3)
 
 
+@pytest.mark.parametrize("factory", ["dense", 3, "layer_attention", "LayerwiseCoordination"])
+def test_a_bad_encoder_fusion_factory_is_rejected(factory):
+    """Not a factory (an unknown name, a number, the name of a baseline instead of the class):
+    a ValueError that names the setting and the baselines to choose from, or for a baseline's
+    name its class and Gin file."""
+    model = T5(TINY, encoder_fusion_factory=factory)
+    with pytest.raises(ValueError, match="encoder_fusion_factory") as raised:
+        init_params(model, tokens(0), tokens(1, (3, 4)))
+    message = str(raised.value)
+    for cls in BASELINES.values():
+        assert cls.__name__ in message
+    if factory == "layer_attention":
+        assert "@LayerAttention" in message and "encoder_fusion_layer_attention.gin" in message
+    if factory == "LayerwiseCoordination":
+        assert "encoder_fusion_layerwise_coordination.gin" in message
+
+
 # ----------------------------------------------------------------------------- Gin
 
 

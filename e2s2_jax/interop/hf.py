@@ -20,9 +20,13 @@ import safetensors
 import safetensors.numpy
 from flax import linen as nn
 
+from e2s2_jax.console import console
 from e2s2_jax.errors import EXIT_BAD_INPUT
+from e2s2_jax.interop import params_io
 from e2s2_jax.models.config import FEED_FORWARD_PROJS, T5Config
 from e2s2_jax.models.t5 import T5, scan_params, unscan_params
+
+log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -339,7 +343,7 @@ def import_hf(
         used.add(hf_name)
     unused = sorted(set(tensors) - used - _REDUNDANT_TENSORS - {"lm_head.weight"})
     if unused:
-        logging.warning(
+        log.warning(
             "%s: %d tensors not used by this model: %s", hf_dir, len(unused), ", ".join(unused[:10])
         )
     if scan_layers:
@@ -373,8 +377,6 @@ def export_hf(config: T5Config, params: dict, hf_dir: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """The conversion command line; returns the exit status (2 on bad input)."""
-    from e2s2_jax.interop import params_io
-
     parser = argparse.ArgumentParser(
         prog="python -m e2s2_jax.interop.hf",
         description="Convert T5 checkpoints between Hugging Face (config.json + safetensors) "
@@ -393,14 +395,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "import":
             config, params = import_hf(args.hf_dir, scan_layers=args.scan_layers)
             params_io.save_params(args.output_dir, config, params)
-            print(f"imported {args.hf_dir} -> {args.output_dir}")
+            console.info(f"imported {args.hf_dir} -> {args.output_dir}")
         else:
             config, params = params_io.load_params(args.params_dir)
             export_hf(config, params, args.hf_dir)
-            print(f"exported {args.params_dir} -> {args.hf_dir}")
+            console.info(f"exported {args.params_dir} -> {args.hf_dir}")
     except (ValueError, OSError, RuntimeError) as error:
         # The conversion's errors name the file and what is wrong with it (HFCheckpointError,
-        # CheckpointError, a missing or unreadable file): one line, no traceback.
+        # CheckpointError, a missing or unreadable file): one line, no traceback, on stderr
+        # from every process, as `main` reports its errors (the exit reason, not a log line).
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     return 0

@@ -13,6 +13,7 @@ from etils import epath
 from flax import linen as nn
 
 from e2s2_jax.models.config import T5Config
+from e2s2_jax.training.checksums import DamagedCheckpointError, verify_checksums
 
 CONFIG_NAME = "t5_config.json"
 PARAMS_NAME = "params"
@@ -78,8 +79,6 @@ def load_params(directory: str) -> tuple[T5Config, dict]:
         if train_state is None:
             params = checkpointer.restore(params_path)
         else:  # only the params subtree, as host numpy arrays (any device layout was saved)
-            from e2s2_jax.training.checkpoints import DamagedCheckpointError, verify_checksums
-
             try:  # the step's checksums, when it has them
                 verify_checksums(os.path.dirname(params_path))
             except DamagedCheckpointError as e:

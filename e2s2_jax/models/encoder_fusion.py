@@ -78,3 +78,34 @@ class LayerwiseCoordination(nn.Module):
             decoder_layer, cfg.num_encoder_layers, cfg.num_decoder_layers
         )
         return jax.lax.dynamic_index_in_dim(encoder_layers, index, axis=1, keepdims=False)
+
+
+# The baselines by the name of their Gin file (`gin/models/encoder_fusion_<name>.gin`).
+ENCODER_FUSIONS: dict[str, type[nn.Module]] = {
+    "layer_attention": LayerAttention,
+    "fine_grained_layer_attention": FineGrainedLayerAttention,
+    "layerwise_coordination": LayerwiseCoordination,
+}
+
+
+def check_encoder_fusion_factory(factory: object) -> None:
+    """Returns when `factory` is None or callable (a module class, a partial, a Gin reference);
+    otherwise raises ValueError naming the setting, the baselines there are and how to choose
+    one (the setting was a string once: `"layer_attention"`, ...)."""
+    if factory is None or callable(factory):
+        return
+    available = ", ".join(cls.__name__ for cls in ENCODER_FUSIONS.values())
+    fix = (
+        f"pass one of {available} (e2s2_jax/models/encoder_fusion.py; Gin: "
+        "`T5.encoder_fusion_factory = @LayerAttention`, or include "
+        "gin/models/encoder_fusion_<name>.gin), another callable that builds the module as "
+        "`factory(config, name=...)`, or None for plain T5"
+    )
+    for gin_name, cls in ENCODER_FUSIONS.items():
+        if isinstance(factory, str) and factory in (gin_name, cls.__name__):
+            fix = (
+                f"pass the class {cls.__name__}, not its name (Gin: `T5.encoder_fusion_factory "
+                f"= @{cls.__name__}`, as gin/models/encoder_fusion_{gin_name}.gin does); the "
+                f"baselines are {available}"
+            )
+    raise ValueError(f"T5.encoder_fusion_factory={factory!r} is not a module factory: {fix}.")

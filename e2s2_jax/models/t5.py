@@ -21,6 +21,7 @@ from flax import struct
 
 from e2s2_jax.models.attention import MultiHeadAttention, RelativePositionBias, attention_mask_bias
 from e2s2_jax.models.config import NEG_INF, T5Config, normal_init
+from e2s2_jax.models.encoder_fusion import check_encoder_fusion_factory
 from e2s2_jax.models.layers import FeedForward, RMSNorm
 
 Array = jax.Array
@@ -390,6 +391,7 @@ class T5(nn.Module):
             embedding_init=normal_init(1.0, ("vocab", "embed")),
             name="token_embedder",
         )
+        check_encoder_fusion_factory(self.encoder_fusion_factory)
         self.encoder = Encoder(cfg, self.shared_embedding, name="encoder")
         self.decoder = Decoder(
             cfg,

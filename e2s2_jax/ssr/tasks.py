@@ -12,7 +12,9 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
+import tasks  # noqa: F401  (registers the bundled span-corruption tasks a mixture may name)
 from e2s2_jax.data import preprocessors
+from e2s2_jax.data.vocab import get_vocabulary
 from tasks.registration import add_task, register_mixture
 
 RECORD_PATTERN = "ssr-*.tfrecord"
@@ -62,8 +64,6 @@ def ssr_mixture_or_task(
     `curriculum_stage` s of `curriculum_stages`: keep only the easiest (s + 1) / stages of the
     records by fill_score (train stage 0, then 1, ... by raising TRAIN_STEPS between runs).
     """
-    from e2s2_jax.data.vocab import get_vocabulary
-
     files = tf.io.gfile.glob(os.path.join(records_dir, RECORD_PATTERN))
     if not files:
         raise FileNotFoundError(
@@ -90,8 +90,6 @@ def ssr_mixture_or_task(
     )
     if span_corruption_rate == 0.0:
         return task_name
-    import tasks  # noqa: F401  (registers the bundled span-corruption tasks)
-
     seqio.get_mixture_or_task(span_corruption_task)  # fails early naming an unknown task
     mixture = f"{task_name}_and_{span_corruption_task}"
     register_mixture(

@@ -15,6 +15,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from e2s2_jax.errors import ConfigError
@@ -91,8 +92,6 @@ def create_mesh(
     shape = tuple(sizes[name] for name in MESH_AXES)
     try:
         # Topology-aware placement on TPU/GPU (model axis on the fastest links).
-        from jax.experimental import mesh_utils
-
         device_array = mesh_utils.create_device_mesh(shape, devices)
     except Exception:  # CPU and odd device subsets: plain order is as good as any.
         device_array = np.asarray(devices).reshape(shape)
