@@ -219,9 +219,7 @@ def write_stage_outputs(results: dict, out_dir: Path) -> None:
 
 # ----------------------------------------------------------------------------- README
 
-README_BEGIN = (
-    "<!-- study stages: begin (written by python -m e2s2_jax.study --stage ... --readme) -->"
-)
+README_BEGIN = "<!-- study stages: begin (written by python -m e2s2_jax.study --readme) -->"
 README_END = "<!-- study stages: end -->"
 
 

@@ -39,6 +39,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from e2s2_jax.stage_report import update_readme as update_stage_readme  # noqa: E402
 from e2s2_jax.study_common import (  # noqa: E402
+    check_settings,
     enable_compilation_cache,
     log,
     machine_description,
@@ -52,8 +53,9 @@ from e2s2_jax.study_report import (  # noqa: E402
     update_readme,
     write_outputs,
 )
-from e2s2_jax.study_stages import SIZES as STAGE_SIZES  # noqa: E402
-from e2s2_jax.study_stages import STAGES, run_stage  # noqa: E402
+from e2s2_jax.study_sizes import SIZES as STAGE_SIZES  # noqa: E402
+from e2s2_jax.study_sizes import STAGES  # noqa: E402
+from e2s2_jax.study_stages import run_stage  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -389,26 +391,6 @@ class Study:
         }
 
 
-def check_settings(out_dir: Path, size_name: str, size: StudySize) -> None:
-    """Records the size's settings in out_dir/settings.json, or refuses to resume runs made
-    with other settings (a finished run is recognised by its step count alone)."""
-    path = out_dir / "settings.json"
-    settings = {"size": size_name, **json.loads(json.dumps(dataclasses.asdict(size)))}
-    if path.exists():
-        saved = json.loads(path.read_text())
-        if saved != settings:
-            changed = sorted(
-                k for k in settings.keys() | saved.keys() if saved.get(k) != settings.get(k)
-            )
-            raise SystemExit(
-                f"error: {out_dir} holds runs made with other study settings (differing: "
-                f"{changed}; see {path}): pass another --out, or delete {out_dir}/runs and "
-                f"{path} to start again"
-            )
-    else:
-        path.write_text(json.dumps(settings, indent=1))
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     from tasks.downstream import DOWNSTREAM_SPECS
 
@@ -471,7 +453,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.seeds < 1:
         parser.error("--seeds must be at least 1")
     out_dir.mkdir(parents=True, exist_ok=True)
-    check_settings(out_dir, size_name, SIZES[size_name])
+    settings = {"size": size_name, **json.loads(json.dumps(dataclasses.asdict(SIZES[size_name])))}
+    check_settings(out_dir, settings)
     enable_compilation_cache(out_dir)
     log(f"size {size_name}, {args.seeds} seeds, tasks {tasks}, output {out_dir}")
     study = Study(SIZES[size_name], out_dir, range(args.seeds), tasks, objectives)

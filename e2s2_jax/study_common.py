@@ -58,3 +58,23 @@ def enable_compilation_cache(out_dir: Path) -> None:
     jax.config.update("jax_compilation_cache_dir", str(out_dir / "jax_cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def check_settings(out_dir: Path, settings: dict) -> None:
+    """Records a study's (or a stage's) settings in out_dir/settings.json, or refuses to resume
+    runs made with other settings (a finished run is recognised by its step count alone)."""
+    path = out_dir / "settings.json"
+    if path.exists():
+        saved = json.loads(path.read_text())
+        if saved != settings:
+            changed = sorted(
+                k for k in settings.keys() | saved.keys() if saved.get(k) != settings.get(k)
+            )
+            raise SystemExit(
+                f"error: {out_dir} holds runs made with other study settings (differing: "
+                f"{changed}; see {path}): pass another --out, or delete {path} and the "
+                "runs made with it to start again"
+            )
+    else:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(settings, indent=1))

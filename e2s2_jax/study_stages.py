@@ -41,127 +41,8 @@ from e2s2_jax.stage_report import (
     sensitivity_verdict,
     write_stage_outputs,
 )
-from e2s2_jax.study_common import log, machine_description, read_curve, run_main
-
-
-@dataclasses.dataclass(frozen=True)
-class StageSize:
-    """One size of the staged study: the model, every budget and the evaluation."""
-
-    model_gin: str
-    generator_bindings: tuple[str, ...]  # the SSR generator: the model file made larger
-    pretrain_steps: int  # span-corruption pretraining (sensitivity) and each continuation
-    pretrain_batch: int
-    pretrain_lengths: tuple[int, int]
-    pretrain_peak_lr: float
-    continue_steps: int  # each arm's continued pretraining from span corruption (e2s2, ssr)
-    finetune_steps: int
-    finetune_batch: int
-    finetune_lengths: tuple[int, int]
-    finetune_lr: float
-    translation_steps: int  # SurfaceFusion: translation trained from scratch
-    translation_batch: int
-    translation_lengths: tuple[int, int]
-    translation_peak_lr: float
-    generator_steps: int
-    ssr_examples: int
-    decode_batch: int
-    decode_examples: int  # test examples decoded for the task metrics; -1: the whole split
-    probe_examples: int  # wiki_topic train examples the probe fits on (0: all)
-
-
-SIZES = {
-    # A few steps of everything, for the tests (the numbers mean nothing).
-    "smoke": StageSize(
-        model_gin="gin/models/t5_1_1_tiny.gin",
-        generator_bindings=("T5Config.d_model=96", "T5Config.num_encoder_layers=3"),
-        pretrain_steps=3,
-        pretrain_batch=8,
-        pretrain_lengths=(64, 16),
-        pretrain_peak_lr=0.01,
-        continue_steps=2,
-        finetune_steps=2,
-        finetune_batch=8,
-        finetune_lengths=(32, 16),
-        finetune_lr=1e-3,
-        translation_steps=2,
-        translation_batch=8,
-        translation_lengths=(32, 16),
-        translation_peak_lr=0.01,
-        generator_steps=3,
-        ssr_examples=32,
-        decode_batch=8,
-        decode_examples=8,
-        probe_examples=64,
-    ),
-    # 2 CPU cores, about 2.5 hours a stage (see gin/models/t5_1_1_study_medium.gin).
-    "medium": StageSize(
-        model_gin="gin/models/t5_1_1_study_medium.gin",
-        generator_bindings=(
-            "T5Config.d_model=192",
-            "T5Config.d_ff=512",
-            "T5Config.num_heads=6",
-            "T5Config.num_encoder_layers=4",
-            "T5Config.num_decoder_layers=4",
-        ),
-        pretrain_steps=2000,
-        pretrain_batch=32,
-        pretrain_lengths=(128, 32),
-        pretrain_peak_lr=0.01,
-        continue_steps=500,
-        finetune_steps=300,
-        finetune_batch=32,
-        finetune_lengths=(128, 64),
-        finetune_lr=1e-3,
-        translation_steps=800,
-        translation_batch=32,
-        translation_lengths=(64, 64),
-        translation_peak_lr=0.01,
-        generator_steps=3000,
-        ssr_examples=8192,
-        decode_batch=64,
-        decode_examples=-1,
-        probe_examples=0,
-    ),
-    # T5 1.1 small on an accelerator (study/device/<stage>.sh).
-    "small": StageSize(
-        model_gin="gin/models/t5_1_1_small.gin",
-        generator_bindings=(
-            "T5Config.d_model=768",
-            "T5Config.d_ff=2048",
-            "T5Config.num_heads=12",
-            "T5Config.num_encoder_layers=12",
-            "T5Config.num_decoder_layers=12",
-        ),
-        pretrain_steps=20000,
-        pretrain_batch=128,
-        pretrain_lengths=(512, 114),
-        pretrain_peak_lr=0.01,
-        continue_steps=5000,
-        finetune_steps=2000,
-        finetune_batch=64,
-        finetune_lengths=(256, 128),
-        finetune_lr=1e-3,
-        translation_steps=20000,
-        translation_batch=128,
-        translation_lengths=(128, 128),
-        translation_peak_lr=0.01,
-        generator_steps=40000,
-        ssr_examples=200_000,
-        decode_batch=256,
-        decode_examples=-1,
-        probe_examples=0,
-    ),
-}
-
-# The fields of StageSize each stage's runs depend on: a resumed stage refuses other values.
-STAGE_FIELDS = {
-    "sensitivity": ("model_gin", "pretrain_", "finetune_", "decode_"),
-    "surface_fusion": ("model_gin", "translation_", "decode_"),
-    "e2s2": ("model_gin", "pretrain_", "continue_", "finetune_", "decode_", "probe_"),
-    "ssr": ("model_gin", "pretrain_", "continue_", "finetune_", "decode_", "generator_", "ssr_"),
-}
-STAGES = tuple(STAGE_FIELDS)
+from e2s2_jax.study_common import check_settings, log, machine_description, read_curve, run_main
+from e2s2_jax.study_sizes import SIZES, STAGE_FIELDS, StageSize
 
 # surface_fusion: {arm: model Gin files}, trained from scratch with the reference's recipe.
 TRANSLATION_TASKS = ("kjv_to_sparv", "kjv_to_web")
@@ -214,6 +95,14 @@ SSR_COMPARISONS = [
 ]
 
 
+def stage_tasks(own: Sequence[str], chosen: Sequence[str]) -> list[str]:
+    """The stage's own tasks that --tasks names (all of them by default), in the stage's order."""
+    tasks = [t for t in own if t in chosen]
+    if not tasks:
+        raise SystemExit(f"error: --tasks names none of this stage's tasks {list(own)}")
+    return tasks
+
+
 def _lengths(lengths: Sequence[int]) -> str:
     return f"--gin.TASK_FEATURE_LENGTHS={{'inputs': {lengths[0]}, 'targets': {lengths[1]}}}"
 
@@ -238,26 +127,6 @@ def stage_settings(stage: str, size_name: str, size: StageSize) -> dict:
         k: v for k, v in dataclasses.asdict(size).items() if any(k.startswith(p) for p in prefixes)
     }
     return {"size": size_name, "stage": stage, **json.loads(json.dumps(fields))}
-
-
-def check_stage_settings(out_dir: Path, settings: dict) -> None:
-    """Records a stage's settings in out_dir/settings.json, or refuses to resume runs made
-    with other settings (a finished run is recognised by its step count alone)."""
-    path = out_dir / "settings.json"
-    if path.exists():
-        saved = json.loads(path.read_text())
-        if saved != settings:
-            changed = sorted(
-                k for k in settings.keys() | saved.keys() if saved.get(k) != settings.get(k)
-            )
-            raise SystemExit(
-                f"error: {out_dir} holds a stage run with other settings (differing: "
-                f"{changed}; see {path}): pass another --out, or delete {path} and the "
-                "stage's runs to start again"
-            )
-    else:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(settings, indent=1))
 
 
 class StageRunner:
@@ -443,7 +312,7 @@ class StageRunner:
         return self.write("sensitivity", tasks, runs, [("span_corruption", "random_init")], True)
 
     def surface_fusion(self, tasks: Sequence[str]) -> dict:
-        tasks = [t for t in tasks if t in TRANSLATION_TASKS] or list(TRANSLATION_TASKS)
+        tasks = stage_tasks(TRANSLATION_TASKS, tasks)
         runs: dict = {}
         for seed in self.seeds:
             for dataset in tasks:
@@ -474,17 +343,17 @@ class StageRunner:
         )
 
     def e2s2(self, tasks: Sequence[str]) -> dict:
-        del tasks  # the stage's tasks are fixed: the probe, spelling_grammar, wiki_topic
+        tasks = stage_tasks(E2S2_TASKS, tasks)
         runs: dict = {}
         for seed in self.seeds:
             for arm, (task_kind, extra) in E2S2_ARMS.items():
                 checkpoint = self.continued(arm, seed, self.pretrain_tasks[task_kind], extra)
                 runs.setdefault(arm, {}).setdefault(PROBE, {})[str(seed)] = self.probe(checkpoint)
-                for dataset in E2S2_TASKS:
+                for dataset in tasks:
                     metrics = self.finetune(arm, seed, dataset, checkpoint)
                     runs[arm].setdefault(dataset, {})[str(seed)] = metrics
-                self.write("e2s2", (PROBE, *E2S2_TASKS), runs, E2S2_COMPARISONS, False, E2S2_ARMS)
-        return self.write("e2s2", (PROBE, *E2S2_TASKS), runs, E2S2_COMPARISONS, True, E2S2_ARMS)
+                self.write("e2s2", (PROBE, *tasks), runs, E2S2_COMPARISONS, False, E2S2_ARMS)
+        return self.write("e2s2", (PROBE, *tasks), runs, E2S2_COMPARISONS, True, E2S2_ARMS)
 
     def probe(self, model_dir: Path) -> dict:
         """The frozen encoder's linear probe on wiki_topic (e2s2_jax/probe.py)."""
@@ -511,17 +380,17 @@ class StageRunner:
         size = self.size
         records_dir = self.runs / "ssr_records" / name
         bindings = size.generator_bindings if name == "large" else ()
-        if name == "large":
-            generator_dir = self.pretrain(
-                "ssr_generator_large",
-                0,
-                self.pretrain_tasks["span_corruption"],
-                model_bindings=bindings,
-                steps=size.generator_steps,
-            )
-        else:
-            generator_dir = self.span_corruption(0)
         if not (records_dir / "summary.json").exists():
+            if name == "large":
+                generator_dir = self.pretrain(
+                    "ssr_generator_large",
+                    0,
+                    self.pretrain_tasks["span_corruption"],
+                    model_bindings=bindings,
+                    steps=size.generator_steps,
+                )
+            else:
+                generator_dir = self.span_corruption(0)
             log(f"SSR records: generator {name} fills {size.ssr_examples} windows")
             run_main(
                 [
@@ -543,13 +412,14 @@ class StageRunner:
         summary = json.loads((records_dir / "summary.json").read_text())
         if not summary.get("kept"):
             raise RuntimeError(
-                f"SSR generation kept no records ({records_dir}/summary.json): the generator "
-                f"{generator_dir} is too weakly trained; give it more steps"
+                f"SSR generation kept no records ({records_dir}/summary.json): generator {name} "
+                "is too weakly trained to emit its sentinels; give it more steps (StageSize."
+                "generator_steps), then delete that directory and run the stage again"
             )
         return records_dir, summary
 
     def ssr(self, tasks: Sequence[str]) -> dict:
-        del tasks  # the stage's tasks are fixed: kjv_to_web, spelling_grammar
+        tasks = stage_tasks(SSR_TASKS, tasks)
         records = {name: self.generator(name) for name in ("large", "student")}
         generators = {
             name: {
@@ -569,15 +439,15 @@ class StageRunner:
                     generator = arm.removeprefix("continued_ssr_")
                     task, extra = None, self.ssr_gin(generator, records[generator][0])
                 checkpoint = self.continued(arm, seed, task, extra)
-                for dataset in SSR_TASKS:
+                for dataset in tasks:
                     metrics = self.finetune(arm, seed, dataset, checkpoint)
                     runs.setdefault(arm, {}).setdefault(dataset, {})[str(seed)] = metrics
                 self.write(
-                    "ssr", SSR_TASKS, runs, SSR_COMPARISONS, False, SSR_ARMS,
+                    "ssr", tasks, runs, SSR_COMPARISONS, False, SSR_ARMS,
                     {"generators": generators},
                 )  # fmt: skip
         return self.write(
-            "ssr", SSR_TASKS, runs, SSR_COMPARISONS, True, SSR_ARMS, {"generators": generators}
+            "ssr", tasks, runs, SSR_COMPARISONS, True, SSR_ARMS, {"generators": generators}
         )
 
     def ssr_gin(self, generator: str, records_dir: Path) -> list[str]:
@@ -652,6 +522,6 @@ class StageRunner:
 
 
 def run_stage(stage: str, size_name: str, root: Path, seeds: Sequence[int], tasks) -> dict:
-    check_stage_settings(root / stage, stage_settings(stage, size_name, SIZES[size_name]))
+    check_settings(root / stage, stage_settings(stage, size_name, SIZES[size_name]))
     runner = StageRunner(size_name, root, seeds)
     return getattr(runner, stage)(tasks)
