@@ -145,6 +145,11 @@ def verdict_lines(results: dict) -> list[str]:
             lines.append(
                 f"- {comparison['arm']} vs {comparison['reference']} on {dataset}: {verdict(entry)}"
             )
+    for name, generator in results.get("generators", {}).items():
+        lines.append(
+            f"- SSR generator `{name}`: kept {generator['kept']} of {generator['examples']} "
+            f"windows, drop rate {100 * generator['drop_rate']:.1f}% (the aim: under 10%)"
+        )
     return lines
 
 

@@ -346,6 +346,9 @@ class StageRunner:
         tasks = stage_tasks(E2S2_TASKS, tasks)
         runs: dict = {}
         for seed in self.seeds:
+            # The warm start's own probe: what the continuations start from.
+            warm_start = self.probe(self.span_corruption(seed))
+            runs.setdefault("warm_start", {}).setdefault(PROBE, {})[str(seed)] = warm_start
             for arm, (task_kind, extra) in E2S2_ARMS.items():
                 checkpoint = self.continued(arm, seed, self.pretrain_tasks[task_kind], extra)
                 runs.setdefault(arm, {}).setdefault(PROBE, {})[str(seed)] = self.probe(checkpoint)

@@ -135,13 +135,15 @@ def test_every_stage_runs_at_smoke_size_and_resumes(tmp_path, capsys):
     assert set(results["surface_fusion"]["runs"]) == set(study_stages.SURFACE_FUSION_ARMS)
     e2s2 = results["e2s2"]
     assert e2s2["tasks"] == [study_stages.PROBE, "wiki_topic"]
-    for arm in study_stages.E2S2_ARMS:
+    for arm in ("warm_start", *study_stages.E2S2_ARMS):
         probe = e2s2["runs"][arm][study_stages.PROBE]["0"]
         assert 0.0 <= probe["probe_accuracy"] <= 1.0
+    for arm in study_stages.E2S2_ARMS:
         assert len(e2s2["curves"][arm]["0"]) >= 1  # the continuation logged its loss
     ssr = results["ssr"]
     assert ssr["tasks"] == ["kjv_to_web"]
     assert ssr["generators"]["large"]["drop_rate"] == pytest.approx(4 / 20)
+    assert "kept 16 of 20 windows, drop rate 20.0%" in (root / "ssr" / "results.md").read_text()
     # Resuming a finished stage redoes no run and gives the same results.
     capsys.readouterr()
     assert study.main([*common, "--stage=sensitivity", f"--readme={readme}"]) == 0
