@@ -20,7 +20,7 @@ class StageSize:
     finetune_steps: int
     finetune_batch: int
     finetune_lengths: tuple[int, int]
-    finetune_lr: float
+    finetune_lr: float  # the peak of the fine-tuning schedule (AdamW, warm-up, cosine decay)
     translation_steps: int  # SurfaceFusion: translation trained from scratch
     translation_batch: int
     translation_lengths: tuple[int, int]
@@ -71,10 +71,10 @@ SIZES = {
         pretrain_lengths=(128, 32),
         pretrain_peak_lr=0.01,
         continue_steps=500,
-        finetune_steps=300,
+        finetune_steps=500,
         finetune_batch=32,
         finetune_lengths=(128, 64),
-        finetune_lr=1e-3,
+        finetune_lr=3e-3,
         translation_steps=800,
         translation_batch=32,
         translation_lengths=(64, 64),
