@@ -28,14 +28,18 @@ GATE_TASKS = 3
 PAPER_DIRECTION = +1
 
 
-def paired_differences(runs: dict, arm: str, reference: str) -> dict:
+def paired_differences(runs: dict, arm: str, reference: str, metric: str | None = None) -> dict:
     """{"tasks": {dataset: {metric, seeds, diffs, mean, se, n, outside_noise}}} of the
-    headline metric, arm minus reference, over the seeds both arms have for that dataset."""
+    headline metric (or `metric`), arm minus reference, over the seeds both arms have it for on
+    that dataset."""
     out: dict = {}
+    chosen = metric
     for dataset, by_seed in runs.get(arm, {}).items():
-        metric = HEADLINES[dataset]
+        metric = chosen or HEADLINES[dataset]
         base = runs.get(reference, {}).get(dataset, {})
-        seeds = sorted((s for s in by_seed if s in base), key=int)
+        seeds = sorted(
+            (s for s in by_seed if metric in by_seed[s] and metric in base.get(s, {})), key=int
+        )
         if not seeds:
             continue
         diffs = [by_seed[s][metric] - base[s][metric] for s in seeds]
@@ -132,6 +136,24 @@ def markdown(results: dict) -> str:
             cells.append(f"{entry['mean']:+.2f} ± {entry['se']:.2f}{star}")
         name = f"{comparison['arm']} − {comparison['reference']}"
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if results.get("cross_entropy"):
+        lines += [
+            "",
+            "The same pairs on the teacher-forced test cross-entropy (the first "
+            "2 evaluation batches; lower is better, so a negative difference favours the arm):",
+            "",
+            "| comparison | " + " | ".join(tasks) + " |",
+            "|---" * (len(tasks) + 1) + "|",
+        ]
+        for comparison in results["cross_entropy"]:
+            cells = [
+                f"{e['mean']:+.3f} ± {e['se']:.3f}{' *' if e['outside_noise'] else ''}"
+                if (e := comparison["tasks"].get(t))
+                else "—"
+                for t in tasks
+            ]
+            name = f"{comparison['arm']} − {comparison['reference']}"
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", *verdict_lines(results), "", footer(results)]
     return "\n".join(lines) + "\n"
 

@@ -518,6 +518,15 @@ class StageRunner:
                 {"arm": arm, "reference": reference, **paired_differences(runs, arm, reference)}
                 for arm, reference in comparisons
             ],
+            "cross_entropy": [
+                {
+                    "arm": arm,
+                    "reference": reference,
+                    **paired_differences(runs, arm, reference, "cross_entropy"),
+                }
+                for arm, reference in comparisons
+                if stage != "e2s2"  # its probe rows have no cross-entropy
+            ],
             "curves": self.curves(curves),
             **(extra or {}),
         }

@@ -45,6 +45,13 @@ def test_paired_differences_against_a_hand_computation():
     web = result["kjv_to_web"]
     assert web["seeds"] == [0, 1] and web["diffs"] == [0.0, 0.0]
     assert (web["mean"], web["se"], web["outside_noise"]) == (0.0, 0.0, False)
+    # Another metric of the same runs, by name.
+    runs["a"]["wiki_topic"]["0"]["cross_entropy"] = 2.5
+    runs["b"]["wiki_topic"]["0"]["cross_entropy"] = 3.0
+    other = stage_report.paired_differences(runs, "a", "b", "cross_entropy")["tasks"]
+    assert (
+        other["wiki_topic"]["diffs"] == [-0.5] and other["wiki_topic"]["metric"] == "cross_entropy"
+    )
 
 
 def test_noise_rule_and_verdicts():
@@ -131,6 +138,7 @@ def test_every_stage_runs_at_smoke_size_and_resumes(tmp_path, capsys):
     assert results["sensitivity"]["tasks"] == ["wiki_topic", "kjv_to_web"]
     assert set(results["sensitivity"]["runs"]) == {"random_init", "span_corruption"}
     assert "gate" in results["sensitivity"]
+    assert "teacher-forced test cross-entropy" in (root / "sensitivity" / "results.md").read_text()
     assert results["surface_fusion"]["tasks"] == ["kjv_to_web"]
     assert set(results["surface_fusion"]["runs"]) == set(study_stages.SURFACE_FUSION_ARMS)
     e2s2 = results["e2s2"]
