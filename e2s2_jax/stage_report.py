@@ -160,7 +160,8 @@ def markdown(results: dict) -> str:
 
 def verdict_lines(results: dict) -> list[str]:
     if results["stage"] == "sensitivity":
-        return [f"Sensitivity gate: {results['gate']['line']}."]
+        so_far = "" if results["status"] == "finished" else " (so far: the stage is partial)"
+        return [f"Sensitivity gate{so_far}: {results['gate']['line']}."]
     lines = []
     for comparison in results["comparisons"]:
         for dataset, entry in comparison["tasks"].items():
