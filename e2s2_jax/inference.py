@@ -22,7 +22,12 @@ from e2s2_jax.interop import params_io
 from e2s2_jax.training import partitioning
 from e2s2_jax.training.checkpoints import restore_params
 from e2s2_jax.training.eval_step import eval_metrics, make_eval_fns
-from e2s2_jax.training.input_pipeline import load_eval_batches, lookup_vocabulary, task_examples
+from e2s2_jax.training.input_pipeline import (
+    check_split,
+    load_eval_batches,
+    lookup_vocabulary,
+    task_examples,
+)
 from e2s2_jax.training.metrics_writer import MetricsWriter
 
 
@@ -85,6 +90,7 @@ def evaluate(
     """
     if jax.process_count() > 1:
         raise ConfigError("eval runs on one process; launch it without --num_processes.")
+    check_split(mixture_or_task_name, split, "evaluate.split")
     rules = partitioning.LOGICAL_AXIS_RULES
     mesh = partitioning.job_mesh("evaluate", mesh_shape)
     params = restore_params(model_dir, model, mesh, rules, checkpoint_step)
@@ -206,6 +212,7 @@ def infer(
             for line, row in zip(lines, rows, strict=True)
         ]
     else:
+        check_split(mixture_or_task_name, split, "infer.split")
         params = restore_params(model_dir, model, mesh, rules, checkpoint_step)
         task, examples = task_examples(
             mixture_or_task_name, split, task_feature_lengths, max_examples + 1

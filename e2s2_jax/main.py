@@ -34,12 +34,17 @@ import jax  # noqa: E402
 import e2s2_jax.configurables  # noqa: E402, F401  (registers the Gin configurables)
 from e2s2_jax import gin_checks  # noqa: E402
 from e2s2_jax.console import console  # noqa: E402
-from e2s2_jax.errors import EXIT_BAD_INPUT, EXIT_PREEMPTED, ConfigError, TrainingStopped  # noqa: E402
+from e2s2_jax.errors import (  # noqa: E402
+    EXIT_BAD_INPUT,
+    EXIT_PREEMPTED,
+    CheckpointError,
+    ConfigError,
+    TrainingStopped,
+)
 from e2s2_jax.inference import evaluate, infer  # noqa: E402
 from e2s2_jax.interop import hf  # noqa: E402
 from e2s2_jax.probe import probe  # noqa: E402
 from e2s2_jax.ssr.job import ssr_generate  # noqa: E402
-from e2s2_jax.training.checkpoints import CheckpointError  # noqa: E402
 from e2s2_jax.training.trainer import train  # noqa: E402
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -21,11 +21,12 @@ from sklearn.preprocessing import StandardScaler
 from e2s2_jax.console import console
 from e2s2_jax.errors import ConfigError
 from e2s2_jax.inference import pad_rows, target_text
+from e2s2_jax.interop import params_io
 from e2s2_jax.models.heads import segment_mean_pool
 from e2s2_jax.models.t5 import T5
 from e2s2_jax.training import partitioning
 from e2s2_jax.training.checkpoints import restore_params
-from e2s2_jax.training.input_pipeline import get_task, task_examples
+from e2s2_jax.training.input_pipeline import check_split, task_examples
 
 Array = jax.Array
 
@@ -89,12 +90,7 @@ def _split_examples(
 ) -> tuple[list[np.ndarray], list[str]]:
     """The input tokens and target texts of a split's first `max_examples` (0: all); a split
     the task lacks is a ConfigError naming `setting`, the Gin parameter that chose it."""
-    splits = get_task(task_name).splits
-    if split not in splits:
-        raise ConfigError(
-            f"probe.{setting}={split!r}: {task_name} has no such split; choose one of "
-            f"{sorted(splits)} with --gin.probe.{setting}."
-        )
+    check_split(task_name, split, f"probe.{setting}")
     task, examples = task_examples(task_name, split, lengths, max_examples or -1)
     vocabulary = task.output_features["targets"].vocabulary
     return [e["inputs"] for e in examples], [target_text(e, vocabulary) for e in examples]
@@ -150,8 +146,10 @@ def probe(
     label is its target text, its features the mean-pooled final encoder output of its inputs.
 
     Returns `{"probe_accuracy", "majority_accuracy" (the most frequent train label's share of the
-    test split), "train_examples", "test_examples", "classes" (distinct train labels)}`, also
-    written to MODEL_DIR/probe_metrics.json. `max_*_examples` of 0 read the whole split.
+    test split), "train_examples", "test_examples", "classes" (distinct train labels), "task",
+    "train_split", "test_split", "checkpoint_step" (the step probed; null for an imported params
+    directory)}`, also written to MODEL_DIR/probe_metrics.json. `max_*_examples` of 0 read the
+    whole split.
     """
     if jax.process_count() > 1:
         raise ConfigError("probe runs on one process; launch it without --num_processes.")
@@ -192,6 +190,14 @@ def probe(
         "train_examples": len(train_labels),
         "test_examples": len(test_labels),
         "classes": len(set(train_labels)),
+        "task": task_name,
+        "train_split": train_split,
+        "test_split": test_split,
+        "checkpoint_step": (
+            checkpoint_step
+            if checkpoint_step is not None
+            else params_io.newest_checkpoint_step(model_dir)
+        ),
     }
     console.info(
         f"probe of {model_dir} on {task_name} ({results['classes']} classes, "

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from e2s2_jax.study_report import HEADLINE
+from e2s2_jax.study_report import HEADLINE, replace_between_markers
 
 # The headline metric of each task, and of the e2s2 stage's frozen-encoder probe.
 HEADLINES = {**HEADLINE, "probe_wiki_topic": "probe_accuracy"}
@@ -274,12 +274,4 @@ def readme_section(root: Path, stages: Sequence[str], readme: Path) -> str:
 
 def update_readme(root: Path, stages: Sequence[str], readme: Path) -> None:
     """Replaces the text between README_BEGIN and README_END in `readme`."""
-    text = readme.read_text()
-    if README_BEGIN not in text or README_END not in text:
-        raise ValueError(
-            f"{readme} has no stage markers: add the lines {README_BEGIN!r} and "
-            f"{README_END!r} where the staged study's results should go"
-        )
-    head, rest = text.split(README_BEGIN, 1)
-    _, tail = rest.split(README_END, 1)
-    readme.write_text(head + readme_section(root, stages, readme) + tail)
+    replace_between_markers(readme, README_BEGIN, README_END, readme_section(root, stages, readme))

@@ -41,6 +41,7 @@ from e2s2_jax.stage_report import update_readme as update_stage_readme  # noqa: 
 from e2s2_jax.study_common import (  # noqa: E402
     check_settings,
     enable_compilation_cache,
+    generate_ssr_records,
     log,
     machine_description,
     read_curve,
@@ -241,32 +242,14 @@ class Study:
                 )
                 + [f"--gin.{binding}" for binding in size.generator_bindings]
             )
-        if not (records_dir / "summary.json").exists():
-            log(f"SSR records: the generator fills spans of {size.ssr_examples} windows")
-            run_main(
-                [
-                    "ssr-generate",
-                    f"--gin_file={size.model_gin}",
-                    "--gin_file=gin/runs/ssr_generate.gin",
-                    *[f"--gin.{binding}" for binding in size.generator_bindings],
-                    f'--gin.GENERATOR_DIR="{generator_dir}"',
-                    f'--gin.SSR_OUTPUT_DIR="{records_dir}"',
-                    f'--gin.ssr_generate.mixture_or_task_name="{self.pretrain_tasks["span_corruption"]}"',
-                    f'--gin.ssr_generate.vocabulary_model="{self.spm_path}"',
-                    f"--gin.ssr_generate.max_examples={size.ssr_examples}",
-                    f"--gin.ssr_generate.max_words_per_example={size.pretrain_lengths[0] // 2}",
-                    f"--gin.ssr_generate.max_input_length={size.pretrain_lengths[0]}",
-                    "--gin.ssr_generate.examples_per_chunk=512",
-                ]
-            )
-        summary = json.loads((records_dir / "summary.json").read_text())
-        if not summary.get("kept"):
-            raise RuntimeError(
-                f"SSR generation kept no records ({records_dir}/summary.json: dropped "
-                f"{summary.get('dropped')}): the generator in {generator_dir} is too weakly "
-                "trained to emit its sentinels; give it more steps (StudySize.generator_steps)"
-            )
-        log(f"SSR records: kept {summary['kept']} of {summary['examples']} windows")
+        generate_ssr_records(
+            size,
+            generator_dir,
+            records_dir,
+            self.pretrain_tasks["span_corruption"],
+            self.spm_path,
+            size.generator_bindings,
+        )
         return records_dir
 
     def pretrain(self, objective: str, seed: int) -> Path:

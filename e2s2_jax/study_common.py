@@ -37,6 +37,42 @@ def run_main(argv: list[str]):
     return entry.JOBS[args.mode]()
 
 
+def generate_ssr_records(
+    size, generator_dir: Path | None, records_dir: Path, task: str, spm_path: Path, bindings=()
+) -> dict:
+    """Fills the spans of `size.ssr_examples` windows of `task` with the generator in
+    `generator_dir` (its model: `size.model_gin` plus `bindings`) into `records_dir`, unless it
+    holds them already (then `generator_dir` may be None); returns its summary.json."""
+    summary_path = records_dir / "summary.json"
+    if not summary_path.exists():
+        log(f"SSR records: the generator in {generator_dir} fills {size.ssr_examples} windows")
+        run_main(
+            [
+                "ssr-generate",
+                f"--gin_file={size.model_gin}",
+                "--gin_file=gin/runs/ssr_generate.gin",
+                *(f"--gin.{binding}" for binding in bindings),
+                f'--gin.GENERATOR_DIR="{generator_dir}"',
+                f'--gin.SSR_OUTPUT_DIR="{records_dir}"',
+                f'--gin.ssr_generate.mixture_or_task_name="{task}"',
+                f'--gin.ssr_generate.vocabulary_model="{spm_path}"',
+                f"--gin.ssr_generate.max_examples={size.ssr_examples}",
+                f"--gin.ssr_generate.max_words_per_example={size.pretrain_lengths[0] // 2}",
+                f"--gin.ssr_generate.max_input_length={size.pretrain_lengths[0]}",
+                "--gin.ssr_generate.examples_per_chunk=512",
+            ]
+        )
+    summary = json.loads(summary_path.read_text())
+    if not summary.get("kept"):
+        raise RuntimeError(
+            f"SSR generation kept no records ({summary_path}: dropped {summary.get('dropped')}): "
+            "the generator is too weakly trained to emit its sentinels; give it more steps (the "
+            f"study size's generator_steps), then delete {records_dir} and run again"
+        )
+    log(f"SSR records: kept {summary['kept']} of {summary['examples']} windows")
+    return summary
+
+
 def read_curve(path: Path) -> list[list[float]]:
     """[[step, loss], ...] of a run's train_metrics.jsonl (the objective's own loss)."""
     if not path.exists():

@@ -193,17 +193,25 @@ def readme_section(results: dict, out_dir: Path, readme: Path) -> str:
     )
 
 
+def replace_between_markers(readme: Path, begin: str, end: str, section: str) -> None:
+    """Replaces `readme`'s text from the line `begin` to the line `end` with `section` (which
+    carries both markers), or refuses, naming the markers, if either is missing."""
+    text = readme.read_text()
+    if begin not in text or end not in text:
+        raise ValueError(
+            f"{readme} has no results markers: add the lines {begin!r} and {end!r} where the "
+            "study's results should go"
+        )
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    readme.write_text(head + section + tail)
+
+
 def update_readme(results: dict, out_dir: Path, readme: Path) -> None:
     """Replaces the text between README_BEGIN and README_END in `readme` with the results."""
-    text = readme.read_text()
-    if README_BEGIN not in text or README_END not in text:
-        raise ValueError(
-            f"{readme} has no results markers: add the lines {README_BEGIN!r} and "
-            f"{README_END!r} where the study's results should go"
-        )
-    head, rest = text.split(README_BEGIN, 1)
-    _, tail = rest.split(README_END, 1)
-    readme.write_text(head + readme_section(results, out_dir, readme) + tail)
+    replace_between_markers(
+        readme, README_BEGIN, README_END, readme_section(results, out_dir, readme)
+    )
 
 
 def write_outputs(results: dict, out_dir: Path) -> None:

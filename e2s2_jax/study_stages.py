@@ -41,7 +41,14 @@ from e2s2_jax.stage_report import (
     sensitivity_verdict,
     write_stage_outputs,
 )
-from e2s2_jax.study_common import check_settings, log, machine_description, read_curve, run_main
+from e2s2_jax.study_common import (
+    check_settings,
+    generate_ssr_records,
+    log,
+    machine_description,
+    read_curve,
+    run_main,
+)
 from e2s2_jax.study_sizes import SIZES, STAGE_FIELDS, StageSize
 
 # surface_fusion: {arm: model Gin files}, trained from scratch with the reference's recipe.
@@ -389,6 +396,7 @@ class StageRunner:
         size = self.size
         records_dir = self.runs / "ssr_records" / name
         bindings = size.generator_bindings if name == "large" else ()
+        generator_dir = None
         if not (records_dir / "summary.json").exists():
             if name == "large":
                 generator_dir = self.pretrain(
@@ -400,31 +408,14 @@ class StageRunner:
                 )
             else:
                 generator_dir = self.span_corruption(0)
-            log(f"SSR records: generator {name} fills {size.ssr_examples} windows")
-            run_main(
-                [
-                    "ssr-generate",
-                    f"--gin_file={size.model_gin}",
-                    "--gin_file=gin/runs/ssr_generate.gin",
-                    *(f"--gin.{b}" for b in bindings),
-                    f'--gin.GENERATOR_DIR="{generator_dir}"',
-                    f'--gin.SSR_OUTPUT_DIR="{records_dir}"',
-                    "--gin.ssr_generate.mixture_or_task_name="
-                    f'"{self.pretrain_tasks["span_corruption"]}"',
-                    f'--gin.ssr_generate.vocabulary_model="{self.spm_path}"',
-                    f"--gin.ssr_generate.max_examples={size.ssr_examples}",
-                    f"--gin.ssr_generate.max_words_per_example={size.pretrain_lengths[0] // 2}",
-                    f"--gin.ssr_generate.max_input_length={size.pretrain_lengths[0]}",
-                    "--gin.ssr_generate.examples_per_chunk=512",
-                ]
-            )
-        summary = json.loads((records_dir / "summary.json").read_text())
-        if not summary.get("kept"):
-            raise RuntimeError(
-                f"SSR generation kept no records ({records_dir}/summary.json): generator {name} "
-                "is too weakly trained to emit its sentinels; give it more steps (StageSize."
-                "generator_steps), then delete that directory and run the stage again"
-            )
+        summary = generate_ssr_records(
+            size,
+            generator_dir,
+            records_dir,
+            self.pretrain_tasks["span_corruption"],
+            self.spm_path,
+            bindings,
+        )
         return records_dir, summary
 
     def ssr(self, tasks: Sequence[str]) -> dict:

@@ -80,6 +80,20 @@ def test_bad_eval_and_infer_settings(tmp_path, capsys):
         ["infer", *common, "--gin_file=gin/runs/infer.gin", lengths, "--gin.infer.max_examples=0"],
     )
     assert code == 2 and "infer.max_examples = 0: must be an integer >= 1" in stderr, stderr
+    # A split the task lacks is named with the task's splits, before any checkpoint is read.
+    tasks = {
+        "eval": '--gin.MIXTURE_OR_TASK_NAME="downstream_wiki_topic"',
+        "infer": '--gin.infer.mixture_or_task_name="downstream_wiki_topic"',
+    }
+    for mode, setting in (("eval", "evaluate.split"), ("infer", "infer.split")):
+        gin_file = f"--gin_file=gin/runs/{mode}.gin"
+        argv = [mode, *common, gin_file, lengths, tasks[mode], f'--gin.{setting}="dev"']
+        code, stderr = _main_in_process(capsys, argv)
+        expected = (
+            f"{setting}='dev': downstream_wiki_topic has no such split; choose one of "
+            "['test', 'train', 'validation']"
+        )
+        assert code == 2 and expected in stderr and "Traceback" not in stderr, stderr
 
 
 @pytest.mark.parametrize("problem", ["empty", "no_match"])

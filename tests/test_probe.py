@@ -147,12 +147,19 @@ def test_probe_command_end_to_end(tiny_params_dir, capsys):
     assert code == 0, stderr[-3000:]
     metrics = json.loads((tiny_params_dir / "probe_metrics.json").read_text())
     assert sorted(metrics) == [
+        "checkpoint_step",
         "classes",
         "majority_accuracy",
         "probe_accuracy",
+        "task",
         "test_examples",
+        "test_split",
         "train_examples",
+        "train_split",
     ]
+    assert metrics["task"] == "downstream_wiki_topic"
+    assert (metrics["train_split"], metrics["test_split"]) == ("train", "test")
+    assert metrics["checkpoint_step"] is None  # an imported params directory has no step
     assert metrics["train_examples"] == train_examples
     assert metrics["test_examples"] == test_examples
     # The labels are the target texts: against the data files read directly.

@@ -32,6 +32,17 @@ def get_task(mixture_or_task_name: str) -> seqio.Task | seqio.Mixture:
         ) from error
 
 
+def check_split(mixture_or_task_name: str, split: str, setting: str) -> None:
+    """A split the task (or mixture) lacks is a ConfigError naming `setting`, the Gin parameter
+    that chose it, and the splits there are."""
+    splits = get_task(mixture_or_task_name).splits
+    if split not in splits:
+        raise ConfigError(
+            f"{setting}={split!r}: {mixture_or_task_name} has no such split; choose one of "
+            f"{sorted(splits)} with --gin.{setting}."
+        )
+
+
 def lookup_vocabulary(
     mixture_or_task_name: str | None = None, vocabulary_model: str | None = None
 ) -> seqio.Vocabulary:
