@@ -127,6 +127,33 @@ def test_resume_after_kill_9_is_bitwise(tmp_path):
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
 
 
+def test_attention_entropy_is_written_every_interval_steps(tmp_path):
+    """`train.attention_entropy_every=3` with `log_every=2`: the entropy of every layer kind is in
+    train_metrics.jsonl at steps 3 and 6 (the loss beside it), in no other line; the log steps
+    are still written."""
+    model_dir = tmp_path / "run"
+    _run(
+        "train",
+        model_dir,
+        "--gin.TRAIN_STEPS=6",
+        "--gin.train.log_every=2",
+        "--gin.train.attention_entropy_every=3",
+    )
+    with open(model_dir / "train_metrics.jsonl") as f:
+        records = [json.loads(line) for line in f]
+    assert [r["step"] for r in records] == [2, 3, 4, 6]
+    for record in records:
+        entropies = {k: v for k, v in record.items() if k.startswith("attention_entropy/")}
+        if record["step"] % 3:
+            assert not entropies, record
+            continue
+        assert "loss" in record
+        for kind in ("encoder_self", "decoder_self", "cross"):
+            # Between 0 and log(keys): the tiny model's rows are at most 64 tokens.
+            assert 0 < entropies[f"attention_entropy/{kind}"] <= np.log(64), record
+            assert f"attention_entropy/{kind}/layer_1" in entropies
+
+
 def test_sigterm_saves_before_exit(tmp_path):
     model_dir = tmp_path / "run"
     process = subprocess.Popen(
