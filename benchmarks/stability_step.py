@@ -48,6 +48,18 @@ from benchmarks.e2s2_step import synthetic_batch  # noqa: E402
 CONTENDERS = ("plain", "entropy_every_1000", "entropy_every_1", "sigma_reparam")
 
 
+def _cost(compiled) -> dict:
+    """XLA's own count of a compiled program's FLOPs and bytes accessed: independent of the
+    machine's load, where the timings on shared cores are not."""
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, list):
+        analysis = analysis[0] if analysis else {}
+    return {
+        "flops": float(analysis.get("flops", 0.0)),
+        "bytes_accessed": float(analysis.get("bytes accessed", 0.0)),
+    }
+
+
 class Steps:
     """A model's train state and its compiled plain and entropy steps, on a fixed batch."""
 
@@ -63,6 +75,7 @@ class Steps:
         self.batch = partitioning.make_global_batch(batch, mesh)
         self.rng = jax.random.key(1)
         self.compile_seconds = {}
+        self.costs = {}
         self.programs = {}
         for name, with_entropy in (("plain", False), ("entropy", True))[: 2 if entropy else 1]:
             step = make_train_step(
@@ -76,6 +89,7 @@ class Steps:
             start = time.perf_counter()
             self.programs[name] = step.lower(self.state, self.batch, self.rng).compile()
             self.compile_seconds[name] = round(time.perf_counter() - start, 1)
+            self.costs[name] = _cost(self.programs[name])
         self.step = 0
 
     def run(self, steps: int, entropy_every: int = 0) -> None:
@@ -96,6 +110,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=5, help="steps per contender per round")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--contenders", default=",".join(CONTENDERS))
+    parser.add_argument(
+        "--cost_only", action="store_true", help="compile and report XLA's costs, no timing"
+    )
     args = parser.parse_args(argv)
     contenders = args.contenders.split(",")
     unknown = sorted(set(contenders) - set(CONTENDERS))
@@ -116,16 +133,26 @@ def main(argv: list[str] | None = None) -> None:
     if "entropy_every_1" in contenders:
         fns["entropy_every_1"] = lambda: plain.run(args.steps, entropy_every=1)
     compile_seconds = dict(plain.compile_seconds)
+    costs = dict(plain.costs)
     if "sigma_reparam" in contenders:
         reparam_model = model.clone(config=dataclasses.replace(config, sigma_reparam=True))
         reparam = Steps(reparam_model, batch, entropy=False)
         compile_seconds["sigma_reparam"] = reparam.compile_seconds["plain"]
+        costs["sigma_reparam"] = reparam.costs["plain"]
         fns["sigma_reparam"] = lambda: reparam.run(args.steps)
-    for fn in fns.values():  # one untimed warm-up call each
-        fn()
-    seconds = alternate(fns, args.rounds, rotate=True)
-    per_step = {name: [s / args.steps for s in values] for name, values in seconds.items()}
-    results = {name: summary(values) for name, values in per_step.items()}
+    for name, cost in costs.items():
+        if name != "plain":
+            cost["flops_vs_plain"] = round(cost["flops"] / costs["plain"]["flops"], 4)
+            cost["bytes_vs_plain"] = round(
+                cost["bytes_accessed"] / costs["plain"]["bytes_accessed"], 4
+            )
+    results = {}
+    if not args.cost_only:
+        for fn in fns.values():  # one untimed warm-up call each
+            fn()
+        seconds = alternate(fns, args.rounds, rotate=True)
+        per_step = {name: [s / args.steps for s in values] for name, values in seconds.items()}
+        results = {name: summary(values) for name, values in per_step.items()}
     if "plain" in results:
         base = results["plain"]["median_s"]
         for name in results:
@@ -143,6 +170,7 @@ def main(argv: list[str] | None = None) -> None:
                 "rounds": args.rounds,
                 "seconds_per_step": results,
                 "compile_seconds": compile_seconds,
+                "xla_cost": costs,
                 "backend": jax.default_backend(),
                 "device": jax.devices()[0].device_kind,
                 "cpu_count": os.cpu_count(),
