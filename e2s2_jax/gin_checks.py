@@ -27,6 +27,7 @@ INTEGER_SETTINGS = {
         ("train", "eval_batches", 1),
         ("train", "stop_after_steps", 1),
         ("train", "skip_nonfinite_steps", 0),
+        ("train", "attention_entropy_every", 0),
     ),
     "eval": (
         ("evaluate", "batch_size", 1),

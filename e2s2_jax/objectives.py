@@ -6,7 +6,9 @@ An objective is a small object with two methods:
   tokens, of examples, ...), functions of the *whole* global batch only, never of the params.
 - `__call__(model, params, batch, normalizers, dropout_rng) -> (loss, metrics)`: the loss of a
   (micro)batch, with every term already divided by its *global* normalizer, and metrics that are
-  likewise additive contributions.
+  likewise additive contributions. With `attention_entropy=True` (the train step's entropy
+  variant) the metrics also carry the attention-entropy sums and counts of the rows the model
+  ran on (`apply_seq2seq`), which the train step turns into means.
 
 Because each microbatch's loss is its share of the full-batch loss, summing losses, gradients and
 metrics over microbatches gives exactly the full-batch values, for any objective (see
@@ -29,6 +31,7 @@ import jax.numpy as jnp
 
 from e2s2_jax import losses
 from e2s2_jax.models import fusion, heads
+from e2s2_jax.models.attention_entropy import ENTROPY_COLLECTION, entropy_terms
 
 PyTree = Any
 Batch = Mapping[str, jax.Array]
@@ -45,6 +48,8 @@ class Objective(Protocol):
         batch: Batch,
         normalizers: Metrics,
         dropout_rng: jax.Array | None,
+        *,
+        attention_entropy: bool = False,
     ) -> tuple[jax.Array, Metrics]: ...
 
 
@@ -61,10 +66,13 @@ def apply_seq2seq(
     *,
     input_feature: str = "encoder_input_tokens",
     return_intermediates: bool = False,
-):
-    """The model on a batch's encoder input (`input_feature`) and decoder features; dropout runs
-    when `dropout_rng` is given."""
-    return model.apply(
+    attention_entropy: bool = False,
+) -> tuple[Any, Metrics]:
+    """`(outputs, entropy_terms)`: the model on a batch's encoder input (`input_feature`) and
+    decoder features, dropout running when `dropout_rng` is given; with `attention_entropy`,
+    the attention-entropy sums and counts of every layer over these rows' non-pad queries
+    (`models/attention_entropy.entropy_terms`), else `{}`."""
+    outputs = model.apply(
         {"params": params},
         batch[input_feature],
         batch["decoder_input_tokens"],
@@ -74,7 +82,18 @@ def apply_seq2seq(
         enable_dropout=dropout_rng is not None,
         return_intermediates=return_intermediates,
         rngs={"dropout": dropout_rng} if dropout_rng is not None else None,
+        mutable=[ENTROPY_COLLECTION] if attention_entropy else False,
     )
+    if not attention_entropy:
+        return outputs, {}
+    outputs, sown = outputs
+    pad_id = model.config.pad_id
+    terms = entropy_terms(
+        sown[ENTROPY_COLLECTION],
+        batch[input_feature] != pad_id,
+        batch["decoder_target_tokens"] != pad_id,
+    )
+    return outputs, terms
 
 
 def target_weights(batch: Batch) -> jax.Array:
@@ -126,8 +145,10 @@ class Seq2SeqObjective:
     def normalizers(self, batch: Batch) -> Metrics:
         return {"weight_sum": jnp.sum(target_weights(batch))}
 
-    def __call__(self, model, params, batch, normalizers, dropout_rng):
-        logits = apply_seq2seq(model, params, batch, dropout_rng)
+    def __call__(self, model, params, batch, normalizers, dropout_rng, *, attention_entropy=False):
+        logits, entropy = apply_seq2seq(
+            model, params, batch, dropout_rng, attention_entropy=attention_entropy
+        )
         loss_sum, z_sum, _ = decoder_nll(
             model,
             logits,
@@ -139,7 +160,8 @@ class Seq2SeqObjective:
         denominator = safe_denominator(normalizers["weight_sum"])
         loss = loss_sum / denominator
         z_term = z_sum / denominator
-        return loss, {"loss": loss, "cross_entropy": loss - z_term, "z_loss": z_term}
+        metrics = {"loss": loss, "cross_entropy": loss - z_term, "z_loss": z_term}
+        return loss, {**metrics, **entropy}
 
 
 # View N's features, made by `E2S2EncDecFeatureConverter(with_noised_view=True)` from an E2S2
@@ -253,7 +275,7 @@ class E2S2Objective:
             )
         return normalizers
 
-    def __call__(self, model, params, batch, normalizers, dropout_rng):
+    def __call__(self, model, params, batch, normalizers, dropout_rng, *, attention_entropy=False):
         self._check_batch(batch)
         views = self.views
         num_views = len(views)
@@ -268,8 +290,13 @@ class E2S2Objective:
             batch_size * num_views, *batch[MASKED_TOKENS].shape[1:]
         )
         need_encoder = self.denoise_weight != 0 or self.contrast_weight != 0
-        outputs = apply_seq2seq(
-            model, params, model_batch, dropout_rng, return_intermediates=need_encoder
+        outputs, entropy = apply_seq2seq(
+            model,
+            params,
+            model_batch,
+            dropout_rng,
+            return_intermediates=need_encoder,
+            attention_entropy=attention_entropy,
         )
         logits, intermediates = outputs if need_encoder else (outputs, None)
 
@@ -359,4 +386,4 @@ class E2S2Objective:
             loss += self.contrast_weight * metrics["contrast_loss"]
 
         metrics["loss"] = loss
-        return loss, metrics
+        return loss, {**metrics, **entropy}

@@ -48,6 +48,10 @@ def _team_module(directory, name: str, train_files: str) -> str:
         (["--gin.BATCH_SIZE=0"], "BATCH_SIZE (read by train.batch_size) = 0: must be an"),
         (["--gin.train.checkpoint_every=0"], "train.checkpoint_every = 0: must be an integer"),
         (["--gin.train.log_every=0"], "train.log_every = 0: must be an integer >= 1"),
+        (
+            ["--gin.train.attention_entropy_every=-1"],
+            "train.attention_entropy_every = -1: must be an integer >= 0",
+        ),
         (["--gin.TRAIN_STEP=10"], "--gin.TRAIN_STEP (did you mean TRAIN_STEPS?): no binding"),
     ],
 )

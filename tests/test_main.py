@@ -79,18 +79,25 @@ def _final_params(model_dir, step):
         tree = checkpointer.restore(os.path.join(model_dir, "checkpoints", str(step), "state"))
     import jax
 
+    # sigmaReparam's power-iteration vectors too, when the run has them.
+    saved = {name: tree[name] for name in ("params", "model_state") if name in tree}
     return {
         jax.tree_util.keystr(k): np.asarray(v)
-        for k, v in jax.tree_util.tree_leaves_with_path(tree["params"])
+        for k, v in jax.tree_util.tree_leaves_with_path(saved)
     }
 
 
-def test_resume_after_kill_9_is_bitwise(tmp_path):
+@pytest.mark.parametrize(
+    "extra",
+    [(), ("--gin_file=gin/models/sigma_reparam.gin", "--gin.train.attention_entropy_every=3")],
+    ids=["plain", "sigma_reparam+entropy"],
+)
+def test_resume_after_kill_9_is_bitwise(tmp_path, extra):
     straight = tmp_path / "straight"
-    _run("train", straight, "--gin.TRAIN_STEPS=20", "--gin.train.checkpoint_every=20")
+    _run("train", straight, "--gin.TRAIN_STEPS=20", "--gin.train.checkpoint_every=20", *extra)
 
     resumed = tmp_path / "resumed"
-    args = ("--gin.TRAIN_STEPS=20", "--gin.train.checkpoint_every=5")
+    args = ("--gin.TRAIN_STEPS=20", "--gin.train.checkpoint_every=5", *extra)
     process = subprocess.Popen(
         _command("train", resumed, *args),
         cwd=REPO,
@@ -123,8 +130,94 @@ def test_resume_after_kill_9_is_bitwise(tmp_path):
     assert resumed_losses == straight_losses  # every step, bitwise (float32 -> JSON is exact)
     a, b = _final_params(straight, 20), _final_params(resumed, 20)
     assert a.keys() == b.keys()
+    assert any("model_state" in name for name in a) == bool(extra)
     for name in a:
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def test_attention_entropy_is_written_every_interval_steps(tmp_path):
+    """`train.attention_entropy_every=3` with `log_every=2`: the entropy of every layer kind is in
+    train_metrics.jsonl at steps 3 and 6 (the loss beside it), in no other line; the log steps
+    are still written."""
+    model_dir = tmp_path / "run"
+    _run(
+        "train",
+        model_dir,
+        "--gin.TRAIN_STEPS=6",
+        "--gin.train.log_every=2",
+        "--gin.train.attention_entropy_every=3",
+    )
+    with open(model_dir / "train_metrics.jsonl") as f:
+        records = [json.loads(line) for line in f]
+    assert [r["step"] for r in records] == [2, 3, 4, 6]
+    for record in records:
+        entropies = {k: v for k, v in record.items() if k.startswith("attention_entropy/")}
+        if record["step"] % 3:
+            assert not entropies, record
+            continue
+        assert "loss" in record
+        for kind in ("encoder_self", "decoder_self", "cross"):
+            # Between 0 and log(keys): the tiny model's rows are at most 64 tokens.
+            assert 0 < entropies[f"attention_entropy/{kind}"] <= np.log(64), record
+            assert f"attention_entropy/{kind}/layer_1" in entropies
+
+
+def test_sigma_reparam_from_a_plain_checkpoint_keeps_its_function_and_exports_w_hat(tmp_path):
+    """Continued pretraining with sigmaReparam from a plain run (`INITIAL_CHECKPOINT`): the first
+    step's loss (of the loaded weights) equals a plain continuation's; `convert export` of the
+    sigmaReparam run writes W_hat = gamma / sigma * W, here recomputed in NumPy from the
+    checkpoint's W, gamma and stored power-iteration vector."""
+    import safetensors.numpy
+
+    plain = tmp_path / "plain"
+    _run("train", plain, "--gin.TRAIN_STEPS=3", "--gin.train.checkpoint_every=3")
+    continued = {}
+    for name, extra in (("plain", ()), ("sigma", ("--gin_file=gin/models/sigma_reparam.gin",))):
+        model_dir = tmp_path / f"continued_{name}"
+        _run(
+            "train",
+            model_dir,
+            "--gin.TRAIN_STEPS=3",
+            "--gin.train.checkpoint_every=3",
+            f'--gin.train.initial_checkpoint="{plain}"',
+            *extra,
+        )
+        continued[name] = _losses(model_dir)
+    # W_hat = W up to a rounding of gamma / sigma (~1 ulp of every weight): the loss, a mean
+    # over ~100 target tokens of log-softmaxes through 2 + 2 layers, moves by a few ulps.
+    assert continued["sigma"][1] == pytest.approx(continued["plain"][1], rel=64 * 1.2e-7)
+    # ... and training differs from there (step 1's learning rate is the warm-up's 0; step 2
+    # is the first update, whose result step 3's loss sees).
+    assert continued["sigma"][3] != continued["plain"][3]
+
+    sigma_dir = tmp_path / "continued_sigma"
+    hf_dir = tmp_path / "hf"
+    result = subprocess.run(
+        [sys.executable, "-m", "e2s2_jax.main", "convert", "export"]
+        + ["--params_dir", str(sigma_dir), "--hf_dir", str(hf_dir)],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    exported = safetensors.numpy.load_file(str(hf_dir / "model.safetensors"))
+    state = _final_params(sigma_dir, 3)
+    prefix = "['params']['encoder']['layers_1']['mlp']['wo']"
+    kernel = state[f"{prefix}['kernel']"].astype(np.float64)
+    gamma = float(state[f"{prefix}['gamma']"])
+    u = state["['model_state']['sigma_reparam']['encoder']['layers_1']['mlp']['wo']['u']"]
+    v = u @ kernel
+    v /= np.linalg.norm(v)
+    u_next = kernel @ v
+    u_next /= np.linalg.norm(u_next)
+    w_hat = gamma / (u_next @ kernel @ v) * kernel
+    hf_weight = exported["encoder.block.1.layer.1.DenseReluDense.wo.weight"]  # [out, in]
+    assert not np.allclose(gamma / (u_next @ kernel @ v), 1.0, rtol=1e-6, atol=0)
+    # float32 W_hat against float64: the sigma estimate sums ~in + out products (a few
+    # dozen roundings of its scale), then one product per weight.
+    np.testing.assert_allclose(hf_weight.T, w_hat, rtol=0, atol=64 * 1.2e-7 * np.abs(w_hat).max())
 
 
 def test_sigterm_saves_before_exit(tmp_path):

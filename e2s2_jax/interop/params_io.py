@@ -12,6 +12,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import linen as nn
 
+from e2s2_jax.models import sigma_reparam
 from e2s2_jax.models.config import T5Config
 from e2s2_jax.training.checksums import DamagedCheckpointError, verify_checksums
 
@@ -50,6 +51,30 @@ def newest_train_checkpoint_params(directory: str) -> str | None:
     return None if step is None else os.path.join(directory, "checkpoints", str(step), "state")
 
 
+def read_state_params(state_path: str) -> dict:
+    """The params of a train checkpoint's `state` item, as host numpy arrays (any device layout
+    was saved). A sigmaReparam run's are read with its power-iteration vectors and folded into
+    the plain params of its W_hat (`models/sigma_reparam.fold`)."""
+    # The handler reads the item directory; `checkpointer.metadata` would also look for the
+    # step's `_CHECKPOINT_METADATA` in it, which sits one level up.
+    metadata = ocp.PyTreeCheckpointHandler().metadata(epath.Path(state_path))
+    names = ["params"]
+    if sigma_reparam.has_gammas(dict(metadata["params"])):
+        names.append("model_state")
+    stored = {name: dict(metadata[name]) for name in names}
+    restored = ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).restore(
+        state_path,
+        args=ocp.args.PyTreeRestore(
+            item=jax.tree.map(lambda _: 0, stored),
+            restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), stored),
+            partial_restore=True,
+        ),
+    )
+    if "model_state" not in restored:
+        return restored["params"]
+    return jax.device_get(sigma_reparam.fold(restored["params"], restored["model_state"]))
+
+
 def load_params(directory: str) -> tuple[T5Config, dict]:
     """Reads what `save_params` wrote, or a train run's MODEL_DIR (its `t5_config.json` and
     the params of its newest checkpoint); errors name the missing or unreadable file."""
@@ -85,18 +110,5 @@ def load_params(directory: str) -> tuple[T5Config, dict]:
                 raise ValueError(f"{e}; export another step, or restore it from a backup.") from e
             # The handler reads the item directory; `checkpointer.metadata` would also look for
             # the step's `_CHECKPOINT_METADATA` in it, which sits one level up.
-            handler = ocp.PyTreeCheckpointHandler()
-            metadata = handler.metadata(epath.Path(params_path))["params"]
-            params = ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).restore(
-                params_path,
-                args=ocp.args.PyTreeRestore(
-                    item={"params": jax.tree.map(lambda _: 0, dict(metadata))},
-                    restore_args={
-                        "params": jax.tree.map(
-                            lambda _: ocp.RestoreArgs(restore_type=np.ndarray), dict(metadata)
-                        )
-                    },
-                    partial_restore=True,
-                ),
-            )["params"]
+            params = read_state_params(params_path)
     return T5Config(**fields), params

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from e2s2_jax.models.attention_entropy import ENTROPY_COLLECTION, query_entropy
 from e2s2_jax.models.config import NEG_INF, T5Config, normal_init
 from e2s2_jax.models.layers import Projection, dense_rows
 
@@ -187,6 +188,10 @@ class MultiHeadAttention(nn.Module):
         key = nn.with_logical_constraint(key, ("batch", "heads", "length", "kv"))
         value = nn.with_logical_constraint(value, ("batch", "heads", "length", "kv"))
         scores = jnp.einsum("bhqd,bhkd->bhqk", query, key, preferred_element_type=jnp.float32)
+        if self.is_mutable_collection(ENTROPY_COLLECTION) and not self.decode:
+            # Only the train step's entropy variant makes this collection mutable: every other
+            # program traces nothing here (`models/attention_entropy.py`).
+            self.sow(ENTROPY_COLLECTION, "entropy", query_entropy(scores + bias))
         weights = jax.nn.softmax(scores + bias, axis=-1).astype(cfg.activation_dtype)
         weights = nn.Dropout(cfg.dropout_rate)(weights, deterministic=self.deterministic)
         context = jnp.einsum("bhqk,bhkd->bhqd", weights, value)

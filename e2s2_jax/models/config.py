@@ -47,6 +47,9 @@ class T5Config:
     dtype: str = "float32"
     scan_layers: bool = False
     remat_policy: str = "none"
+    # sigmaReparam (`models/sigma_reparam.py`): every attention and feed-forward kernel of the
+    # encoder and decoder layers trained as gamma / sigma(W) * W. Off: the params are T5's.
+    sigma_reparam: bool = False
     pad_id: int = 0
     eos_id: int = 1
     decoder_start_id: int = 0

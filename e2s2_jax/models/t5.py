@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from e2s2_jax.models.attention import MultiHeadAttention, RelativePositionBias, attention_mask_bias
+from e2s2_jax.models.attention_entropy import ENTROPY_COLLECTION
 from e2s2_jax.models.config import NEG_INF, T5Config, normal_init
 from e2s2_jax.models.encoder_fusion import check_encoder_fusion_factory
 from e2s2_jax.models.layers import FeedForward, RMSNorm
@@ -136,7 +137,7 @@ def _stack_layer(
     if config.scan_layers:
         layer_cls = nn.scan(
             layer_cls,
-            variable_axes={"params": 0, "cache": 0},
+            variable_axes={"params": 0, "cache": 0, ENTROPY_COLLECTION: 0},
             split_rngs={"params": True, "dropout": True},
             in_axes=tuple(0 if i in scanned_args else nn.broadcast for i in range(num_args)),
             length=num_layers,

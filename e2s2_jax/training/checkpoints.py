@@ -33,6 +33,7 @@ from jax.experimental import multihost_utils
 
 from e2s2_jax.errors import CheckpointError
 from e2s2_jax.interop import params_io
+from e2s2_jax.models import sigma_reparam
 from e2s2_jax.training import partitioning
 from e2s2_jax.training.checksums import (
     CHECKSUMS_NAME,
@@ -54,13 +55,16 @@ class NonFiniteStateError(CheckpointError):
 
 
 def _state_tree(state: TrainState, rng: jax.Array) -> dict:
-    return {
+    tree = {
         "step": state.step,
         "params": state.params,
         "opt_state": state.opt_state,
         # Placed like `step` (replicated over the mesh): Orbax saves only global arrays.
         "rng": jax.device_put(jax.random.key_data(rng), state.step.sharding),
     }
+    if state.model_state:  # only when there is one: a plain model's checkpoints are as before
+        tree["model_state"] = state.model_state
+    return tree
 
 
 def _is_float(x: Any) -> bool:
@@ -298,6 +302,10 @@ class TrainCheckpointer:
             "opt_state": _with_shardings(abstract_state.opt_state, shardings.opt_state),
             "rng": jax.ShapeDtypeStruct(rng_data.shape, rng_data.dtype, sharding=replicated),
         }
+        if abstract_state.model_state:
+            target["model_state"] = _with_shardings(
+                abstract_state.model_state, shardings.model_state
+            )
         try:
             restored = self.manager.restore(
                 step,
@@ -319,7 +327,12 @@ class TrainCheckpointer:
                 )
             ) from error
         tree = restored["state"]
-        state = TrainState(step=tree["step"], params=tree["params"], opt_state=tree["opt_state"])
+        state = TrainState(
+            step=tree["step"],
+            params=tree["params"],
+            opt_state=tree["opt_state"],
+            model_state=tree.get("model_state", {}),
+        )
         rng = jax.random.wrap_key_data(tree["rng"], impl=jax.random.key_impl(rng_template))
         return state, rng, dict(restored["data"] or {})
 
@@ -410,6 +423,26 @@ def _is_old_attention_layout(stored: tuple[int, ...], wanted: tuple[int, ...]) -
     )
 
 
+def _check_shapes(directory, stored_flat: Mapping, init_flat: Mapping) -> None:
+    """Raises CheckpointError naming the parameters whose stored shape is not the model's."""
+    mismatched = [
+        f"{name}: checkpoint {tuple(stored_flat[name].shape)}, model {tuple(value.shape)}"
+        for name, value in init_flat.items()
+        if name in stored_flat and tuple(stored_flat[name].shape) != tuple(value.shape)
+    ]
+    if mismatched:
+        old_layout = any(
+            _is_old_attention_layout(stored_flat[name].shape, value.shape)
+            for name, value in init_flat.items()
+            if name in stored_flat
+        )
+        raise CheckpointError(
+            f"Parameters in {directory} do not fit the model's shapes: {mismatched[:5]}. Use a "
+            "model Gin file with the checkpoint's sizes (its t5_config.json or operative config)."
+            + (_OLD_ATTENTION_LAYOUT_HINT if old_layout else "")
+        )
+
+
 def load_params_into(
     path: str | epath.Path, init_params: PyTree, param_shardings: PyTree
 ) -> tuple[PyTree, list[str], list[str]]:
@@ -443,25 +476,12 @@ def load_params_into(
             "incomplete or not an Orbax PyTree; point at a complete step or re-export the model."
         )
     stored = metadata["params"] if kind == "state" else metadata
+    if kind == "state" and sigma_reparam.has_gammas(dict(stored)):
+        return _load_folded_params(directory, init_params, param_shardings)
     stored_flat = _flat(dict(stored))
     init_flat = _flat(init_params)
     shardings_flat = _flat(param_shardings)
-    mismatched = [
-        f"{name}: checkpoint {tuple(stored_flat[name].shape)}, model {tuple(value.shape)}"
-        for name, value in init_flat.items()
-        if name in stored_flat and tuple(stored_flat[name].shape) != tuple(value.shape)
-    ]
-    if mismatched:
-        old_layout = any(
-            _is_old_attention_layout(stored_flat[name].shape, value.shape)
-            for name, value in init_flat.items()
-            if name in stored_flat
-        )
-        raise CheckpointError(
-            f"Parameters in {directory} do not fit the model's shapes: {mismatched[:5]}. Use a "
-            "model Gin file with the checkpoint's sizes (its t5_config.json or operative config)."
-            + (_OLD_ATTENTION_LAYOUT_HINT if old_layout else "")
-        )
+    _check_shapes(directory, stored_flat, init_flat)
     wanted = {
         name: jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=shardings_flat[name])
         for name, value in init_flat.items()
@@ -483,10 +503,7 @@ def load_params_into(
             ),
         )
     except Exception as error:  # TensorStore raises bare Exceptions for unreadable files
-        raise CheckpointError(
-            f"Cannot read the parameters in {directory} ({type(error).__name__}: {error}): the "
-            "checkpoint is damaged or incomplete; load another step or re-export the model."
-        ) from error
+        raise _unreadable(directory, error) from error
     finally:
         checkpointer.close()
     restored_flat = _flat(restored["params"] if kind == "state" else restored)
@@ -495,6 +512,36 @@ def load_params_into(
     ignored = sorted(set(stored_flat) - set(init_flat))
     params = traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in params_flat.items()})
     return params, filled, ignored
+
+
+def _load_folded_params(
+    directory: epath.Path, init_params: PyTree, param_shardings: PyTree
+) -> tuple[PyTree, list[str], list[str]]:
+    """`load_params_into` for a train checkpoint of a sigmaReparam run: its params and
+    power-iteration vectors read whole, then folded into the plain params of its `W_hat`
+    (`params_io.read_state_params`) before they are matched to the model's."""
+    try:
+        folded = _flat(params_io.read_state_params(str(directory)))
+    except Exception as error:  # TensorStore raises bare Exceptions for unreadable files
+        raise _unreadable(directory, error) from error
+    init_flat = _flat(init_params)
+    shardings_flat = _flat(param_shardings)
+    _check_shapes(directory, folded, init_flat)
+    params_flat = {
+        name: jax.device_put(folded[name], shardings_flat[name]) if name in folded else value
+        for name, value in init_flat.items()
+    }
+    filled = sorted(set(init_flat) - set(folded))
+    ignored = sorted(set(folded) - set(init_flat))
+    params = traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in params_flat.items()})
+    return params, filled, ignored
+
+
+def _unreadable(directory, error: BaseException) -> CheckpointError:
+    return CheckpointError(
+        f"Cannot read the parameters in {directory} ({type(error).__name__}: {error}): the "
+        "checkpoint is damaged or incomplete; load another step or re-export the model."
+    )
 
 
 def restore_params(

@@ -12,6 +12,7 @@ import optax
 from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from e2s2_jax.models import sigma_reparam
 from e2s2_jax.training import partitioning
 
 PyTree = Any
@@ -22,11 +23,14 @@ INIT_FEATURES = ("encoder_input_tokens", "decoder_input_tokens")
 
 class TrainState(struct.PyTreeNode):
     """step: int32 scalar, the number of updates applied. params: unboxed float32 parameters.
-    opt_state: the optax state for `params`."""
+    opt_state: the optax state for `params`. model_state: non-trainable collections the train
+    step advances (sigmaReparam's power-iteration vectors, `models/sigma_reparam.py`); `{}`
+    for a plain model."""
 
     step: jax.Array
     params: PyTree
     opt_state: optax.OptState
+    model_state: PyTree = struct.field(default_factory=dict)
 
 
 def _init_inputs(input_shapes: Mapping[str, Sequence[int]] | None) -> dict[str, jax.Array]:
@@ -47,6 +51,17 @@ def abstract_boxed_params(
     return jax.eval_shape(lambda: _boxed_params(model, jax.random.key(0), inputs))
 
 
+def abstract_boxed_train_params(
+    model: nn.Module, input_shapes: Mapping[str, Sequence[int]] | None = None
+) -> tuple[PyTree, PyTree]:
+    """`(params, model_state)` the train state holds, boxed and abstract: the model's params,
+    plus sigmaReparam's gammas and power-iteration vectors when the config asks for them."""
+    boxed = abstract_boxed_params(model, input_shapes)
+    if not sigma_reparam.enabled(model):
+        return boxed, {}
+    return sigma_reparam.boxed(boxed)
+
+
 def train_state_shardings(
     model: nn.Module,
     optimizer: optax.GradientTransformation,
@@ -59,7 +74,7 @@ def train_state_shardings(
 
     `input_shapes` maps `INIT_FEATURES` to `[batch, length]`; (1, 1) when omitted.
     """
-    boxed = abstract_boxed_params(model, input_shapes)
+    boxed, boxed_model_state = abstract_boxed_train_params(model, input_shapes)
     abstract_params = nn.unbox(boxed)
     abstract_opt_state = jax.eval_shape(optimizer.init, abstract_params)
     params_shardings = partitioning.param_shardings(boxed, mesh, rules)
@@ -70,11 +85,13 @@ def train_state_shardings(
         step=jax.ShapeDtypeStruct((), jnp.int32),
         params=abstract_params,
         opt_state=abstract_opt_state,
+        model_state=nn.unbox(boxed_model_state),
     )
     shardings = TrainState(
         step=NamedSharding(mesh, PartitionSpec()),
         params=params_shardings,
         opt_state=opt_shardings,
+        model_state=partitioning.param_shardings(boxed_model_state, mesh, rules),
     )
     return abstract_state, shardings
 
@@ -97,8 +114,14 @@ def init_train_state(
 
     def init(rng: jax.Array) -> TrainState:
         params = nn.unbox(_boxed_params(model, rng, inputs))
+        model_state = {}
+        if sigma_reparam.enabled(model):
+            params, model_state = sigma_reparam.reparametrise(params)
         return TrainState(
-            step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params)
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            opt_state=optimizer.init(params),
+            model_state=model_state,
         )
 
     state = jax.jit(init, out_shardings=shardings)(rng)

@@ -20,6 +20,8 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from e2s2_jax import objectives
+from e2s2_jax.models import sigma_reparam
+from e2s2_jax.models.attention_entropy import finish_entropy_metrics
 from e2s2_jax.training import partitioning
 from e2s2_jax.training.train_state import TrainState, train_state_shardings
 
@@ -59,6 +61,7 @@ def make_train_step(
     rules: partitioning.Rules = partitioning.LOGICAL_AXIS_RULES,
     donate_state: bool = True,
     activation_constraints: bool = True,
+    attention_entropy: bool = False,
 ) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, Metrics]]:
     """One jitted, pure `(state, batch, rng) -> (new_state, metrics)`.
 
@@ -76,6 +79,11 @@ def make_train_step(
         `nn.with_logical_constraint` annotations pin activation layouts. When off, XLA
         propagates layouts from the explicit param, optimizer-state, gradient and batch
         shardings alone.
+      attention_entropy: the entropy variant of the step: the same update, plus every
+        attention layer's entropy in the metrics (`attention_entropy/<kind>/layer_<i>` and
+        `attention_entropy/<kind>`, `models/attention_entropy.py`). A separate program, so
+        that the plain step's stays exactly what it was: the trainer runs this one every
+        `train.attention_entropy_every` steps and the plain one otherwise.
 
     Returns:
       The jitted step, behind a shape check of the batch (`.jitted` / `.lower` reach the jit
@@ -93,10 +101,20 @@ def make_train_step(
     replicated = NamedSharding(mesh, PartitionSpec())
     grad_shardings = state_shardings.params
 
-    def grad_of_loss(params, microbatch, normalizers, dropout_rng):
-        (loss, metrics), grads = jax.value_and_grad(
-            lambda p: objective(model, p, microbatch, normalizers, dropout_rng), has_aux=True
-        )(params)
+    # Only the entropy variant passes the flag: an objective of another team's need not know it.
+    objective_kwargs = {"attention_entropy": True} if attention_entropy else {}
+
+    reparametrised = sigma_reparam.enabled(model)
+
+    def grad_of_loss(params, microbatch, normalizers, dropout_rng, vectors):
+        def loss_fn(params):
+            if reparametrised:  # the model sees W_hat; the gradient reaches W and gamma
+                params = sigma_reparam.effective_params(params, vectors)
+            return objective(
+                model, params, microbatch, normalizers, dropout_rng, **objective_kwargs
+            )
+
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         # Gradients stay in the params' layout (reduce-scatter, not all-reduce, under fsdp).
         grads = jax.lax.with_sharding_constraint(grads, grad_shardings)
         metrics = {name: jnp.asarray(value, jnp.float32) for name, value in metrics.items()}
@@ -112,15 +130,25 @@ def make_train_step(
         with nn.logical_axis_rules(rules), mesh_context:
             step_rng = jax.random.fold_in(rng, state.step)
             normalizers = objective.normalizers(batch)
+            # sigmaReparam's power-iteration step: once per step, shared by the microbatches.
+            vectors = (
+                sigma_reparam.power_iteration(state.params, state.model_state)
+                if reparametrised
+                else None
+            )
             if num_microbatches == 1:
-                grads, metrics = grad_of_loss(state.params, batch, normalizers, step_rng)
+                grads, metrics = grad_of_loss(state.params, batch, normalizers, step_rng, vectors)
             else:
                 microbatches = _split_microbatches(batch, num_microbatches, mesh, rules)
 
                 def accumulate(carry, inputs):
                     index, microbatch = inputs
                     grads, metrics = grad_of_loss(
-                        state.params, microbatch, normalizers, jax.random.fold_in(step_rng, index)
+                        state.params,
+                        microbatch,
+                        normalizers,
+                        jax.random.fold_in(step_rng, index),
+                        vectors,
                     )
                     return jax.tree.map(jnp.add, carry, (grads, metrics)), None
 
@@ -130,6 +158,7 @@ def make_train_step(
                     jax.tree.map(lambda x: x[0], microbatches),
                     normalizers,
                     step_rng,
+                    vectors,
                 )
                 zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), zeros)
                 (grads, metrics), _ = jax.lax.scan(
@@ -143,11 +172,14 @@ def make_train_step(
             # The predicate is two scalars known before the update, so the select fuses into
             # the update's elementwise pass: no second copy of the state.
             finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
-            params, opt_state = jax.tree.map(
+            model_state = sigma_reparam.advanced_state(vectors) if reparametrised else {}
+            params, opt_state, model_state = jax.tree.map(
                 lambda new, old: jnp.where(finite, new, old),
-                (params, opt_state),
-                (state.params, state.opt_state),
+                (params, opt_state, model_state),
+                (state.params, state.opt_state, state.model_state),
             )
+        if attention_entropy:
+            metrics = finish_entropy_metrics(metrics)
         metrics = {
             **metrics,
             **{name: jnp.asarray(value, jnp.float32) for name, value in normalizers.items()},
@@ -156,7 +188,9 @@ def make_train_step(
         }
         if learning_rate_fn is not None:
             metrics["learning_rate"] = jnp.asarray(learning_rate_fn(state.step), jnp.float32)
-        new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
+        new_state = TrainState(
+            step=state.step + 1, params=params, opt_state=opt_state, model_state=model_state
+        )
         return new_state, metrics
 
     jitted_step = jax.jit(

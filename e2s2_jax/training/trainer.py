@@ -20,6 +20,7 @@ from jax.experimental import multihost_utils
 from e2s2_jax.console import console
 from e2s2_jax.errors import EXIT_NON_FINITE, EXIT_PREEMPTED, ConfigError, TrainingStopped
 from e2s2_jax.interop import params_io
+from e2s2_jax.models import sigma_reparam
 from e2s2_jax.training import flops, partitioning
 from e2s2_jax.training.checkpoints import TrainCheckpointer, load_params_into
 from e2s2_jax.training.eval_step import eval_metrics, make_eval_fns
@@ -31,7 +32,11 @@ from e2s2_jax.training.input_pipeline import (
 )
 from e2s2_jax.training.metrics_writer import MetricsWriter, Throughput, peak_flops, progress_line
 from e2s2_jax.training.run_lock import RunLock
-from e2s2_jax.training.train_state import TrainState, abstract_boxed_params, init_train_state
+from e2s2_jax.training.train_state import (
+    TrainState,
+    abstract_boxed_train_params,
+    init_train_state,
+)
 from e2s2_jax.training.train_step import make_train_step
 
 
@@ -141,6 +146,7 @@ def train(
     eval_split: str = "validation",
     stop_after_steps: int | None = None,
     skip_nonfinite_steps: int = 0,
+    attention_entropy_every: int = 0,
 ) -> dict[str, float]:
     """Trains `model` on the task, resuming from MODEL_DIR's newest checkpoint when there is
     one. Returns the last logged train metrics.
@@ -160,6 +166,11 @@ def train(
         norm (their updates are never applied) before training stops; 0 stops at the first.
         A stop raises `TrainingStopped` (exit status 3) and writes no checkpoint after the
         last good step.
+      attention_entropy_every: every this many steps, the step also measures each attention
+        layer's entropy (`models/attention_entropy.py`) and the step's metrics are written to
+        TensorBoard and train_metrics.jsonl (`attention_entropy/...`); 0: never. Those steps
+        run a second compiled program (compiled on first use); the others run the plain one,
+        unchanged.
     """
     settings = dict(locals())  # the bindings, handed on to _train
     start_time = time.time()
@@ -260,6 +271,7 @@ def _train(
     eval_split,
     stop_after_steps,
     skip_nonfinite_steps,
+    attention_entropy_every,
     start_time,
 ) -> dict[str, float]:
     """`train`'s body, with MODEL_DIR locked."""
@@ -274,7 +286,7 @@ def _train(
     rng = jax.random.key(seed)
     init_rng, train_rng = jax.random.split(rng)
     state, shardings = init_train_state(model, optimizer, mesh, init_rng, rules=rules)
-    boxed = abstract_boxed_params(model)
+    boxed, _ = abstract_boxed_train_params(model)
     write_config(model_dir, "params.txt", _param_table(boxed))
     # The model's sizes, so that `convert export --params_dir MODEL_DIR` reads the run.
     write_config(model_dir, params_io.CONFIG_NAME, params_io.config_json(model.config))
@@ -294,11 +306,24 @@ def _train(
             f"(data position {data_position})"
         )
     elif initial_checkpoint:
-        params, filled, ignored = load_params_into(
-            initial_checkpoint, state.params, shardings.params
-        )
+        reparametrised = sigma_reparam.enabled(model)
+        # Loaded as the plain model's params (a sigmaReparam checkpoint's W_hat); with
+        # sigmaReparam on, then reparametrised with gamma = sigma(W): the function is unchanged.
+        init_params, init_shardings = state.params, shardings.params
+        if reparametrised:
+            init_params = sigma_reparam.plain(init_params)
+            init_shardings = sigma_reparam.plain(init_shardings)
+        params, filled, ignored = load_params_into(initial_checkpoint, init_params, init_shardings)
+        model_state = {}
+        if reparametrised:
+            params, model_state = jax.jit(
+                sigma_reparam.reparametrise,
+                out_shardings=(shardings.params, shardings.model_state),
+            )(params)
         opt_state = jax.jit(optimizer.init, out_shardings=shardings.opt_state)(params)
-        state = TrainState(step=state.step, params=params, opt_state=opt_state)
+        state = TrainState(
+            step=state.step, params=params, opt_state=opt_state, model_state=model_state
+        )
         console.info(f"initialised from {initial_checkpoint}")
         if filled:
             console.info(
@@ -330,19 +355,28 @@ def _train(
         skip_batches=data_position["batches"],
     )
     batches = numpy_batches(dataset)
-    train_step = make_train_step(
-        model,
-        optimizer,
-        objective,
-        mesh,
-        num_microbatches,
-        learning_rate_fn=learning_rate_schedule,
-        state_shardings=shardings,
-        rules=rules,
-    )
+
+    def compile_train_step(attention_entropy: bool):
+        return (
+            make_train_step(
+                model,
+                optimizer,
+                objective,
+                mesh,
+                num_microbatches,
+                learning_rate_fn=learning_rate_schedule,
+                state_shardings=shardings,
+                rules=rules,
+                attention_entropy=attention_entropy,
+            )
+            .lower(state, batch, train_rng)
+            .compile()
+        )
+
     local_batch = next(batches)
     batch = partitioning.make_global_batch(local_batch, mesh, rules)
-    compiled = train_step.lower(state, batch, train_rng).compile()
+    compiled = compile_train_step(attention_entropy=False)
+    compiled_with_entropy = None
     model_flops = _model_flops_per_step(model, objective, batch)
     throughput = Throughput(train_steps, model_flops, peak_flops())
     console.info(
@@ -369,7 +403,12 @@ def _train(
 
     try:
         while True:
-            state, metrics = compiled(state, batch, train_rng)
+            entropy_step = attention_entropy_every and (step + 1) % attention_entropy_every == 0
+            if entropy_step and compiled_with_entropy is None:
+                compiled_with_entropy = compile_train_step(attention_entropy=True)
+                throughput.reset(step)
+            step_fn = compiled_with_entropy if entropy_step else compiled
+            state, metrics = step_fn(state, batch, train_rng)
             data_position = {"batches": data_position["batches"] + 1}
             step += 1
             steps_this_run += 1
@@ -382,16 +421,23 @@ def _train(
             done = step >= train_steps or (
                 stop_after_steps is not None and steps_this_run >= stop_after_steps
             )
-            if step % log_every == 0 or done:
+            log_step = step % log_every == 0 or done
+            if log_step or entropy_step:  # an entropy step's metrics are always written
                 scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                scalars.update(throughput.measure(step))
+                if log_step:
+                    scalars.update(throughput.measure(step))
                 train_writer.write(step, scalars)
-                console.info(progress_line(step, train_steps, scalars))
-                last_metrics = scalars
+                if log_step:
+                    console.info(progress_line(step, train_steps, scalars))
+                    last_metrics = scalars
             if eval_every and (step % eval_every == 0 or step >= train_steps):
                 nonfinite.flush()
                 if eval_fns is None:
-                    eval_fns = make_eval_fns(model, objective, mesh, rules, shardings.params)
+                    eval_param_shardings = shardings.params
+                    if sigma_reparam.enabled(model):
+                        eval_param_shardings = sigma_reparam.plain(shardings.params)
+                        fold_fn = jax.jit(sigma_reparam.fold, out_shardings=eval_param_shardings)
+                    eval_fns = make_eval_fns(model, objective, mesh, rules, eval_param_shardings)
                     eval_batches_cache = load_eval_batches(
                         mixture_or_task_name,
                         task_feature_lengths,
@@ -402,7 +448,10 @@ def _train(
                         mesh,
                         rules,
                     )
-                scalars = eval_metrics(eval_fns, state.params, eval_batches_cache)
+                eval_params = state.params
+                if sigma_reparam.enabled(model):  # the plain model of W_hat
+                    eval_params = fold_fn(state.params, state.model_state)
+                scalars = eval_metrics(eval_fns, eval_params, eval_batches_cache)
                 eval_writer.write(step, scalars)
                 console.info(
                     f"eval at step {step}: " + " ".join(f"{k} {v:.4g}" for k, v in scalars.items())
