@@ -40,6 +40,23 @@ def substitution_table(
     return token_swaps.uniform_table(vocabulary)
 
 
+def check_view_settings(
+    view: str,
+    vocabulary: seqio.Vocabulary,
+    swap_rate: float = 0.15,
+    cluster_file: str | None = None,
+) -> None:
+    """Raises ConfigError naming a bad setting of `view` and its fix. Task registration calls
+    it, so bad settings stop before any model is built; only C-RTS reads its file (and the
+    vocabulary's size) now, so registering a C4 task still loads nothing."""
+    if view not in VIEWS:
+        raise ConfigError(f"view={view!r} is not one of {VIEWS}.")
+    if view in SWAP_VIEWS:
+        token_swaps.check_swap_rate(swap_rate)
+    if view == "c_rts":
+        substitution_table(view, vocabulary, cluster_file)
+
+
 def add_encoder_view(
     dataset: tf.data.Dataset,
     output_features: Mapping[str, seqio.Feature],
@@ -57,13 +74,9 @@ def add_encoder_view(
     inputs labelled NO_SECOND_VIEW). Other features pass through. Bad settings raise
     ConfigError when the task is built, before any data is read.
     """
-    if view not in VIEWS:
-        raise ConfigError(f"view={view!r} is not one of {VIEWS}.")
     vocabulary = vocabulary_of(output_features, "inputs")
-    table = None
-    if view in SWAP_VIEWS:
-        token_swaps.check_swap_rate(swap_rate)
-        table = substitution_table(view, vocabulary, cluster_file)
+    check_view_settings(view, vocabulary, swap_rate, cluster_file)
+    table = substitution_table(view, vocabulary, cluster_file) if view in SWAP_VIEWS else None
 
     @seqio.map_over_dataset(num_seeds=1)
     def with_view(features, seed):

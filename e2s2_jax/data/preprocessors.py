@@ -136,7 +136,7 @@ OBJECTIVES = {
 # bundled and C4 registrations therefore leave out (tasks/encoder_views.py registers them).
 OBJECTIVES_WITH_REQUIRED_OPTIONS = ("c_rts",)
 # Options of the swap views, handed to `add_encoder_view` rather than to the preprocessor.
-_VIEW_OPTIONS = ("swap_rate", "cluster_file")
+VIEW_OPTIONS = ("swap_rate", "cluster_file")
 
 
 def objective_has_noised_view(objective: str) -> bool:
@@ -172,7 +172,7 @@ def pretraining_preprocessors(
         mean_noise_span_length=mean_noise_span_length,
         target_mode=target_mode,
     )
-    view_options = {k: objective_options.pop(k) for k in _VIEW_OPTIONS if k in objective_options}
+    view_options = {k: objective_options.pop(k) for k in VIEW_OPTIONS if k in objective_options}
     if view_options and view is None:
         raise ValueError(f"objective={objective!r} takes no {sorted(view_options)}.")
     chain = [

@@ -66,6 +66,12 @@ class DenoisingHead(nn.Module):
         return logits.astype(jnp.float32) + bias
 
 
+class RTSHead(DenoisingHead):
+    """RTS / C-RTS's head: `DenoisingHead` with two classes, 0 original and 1 replaced."""
+
+    num_classes: int = 2
+
+
 @struct.dataclass
 class SLMOutputs:
     """What `SLMHead` hands the objective: `hidden` `[batch, length, embed]` (the transformed
