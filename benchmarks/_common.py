@@ -72,6 +72,42 @@ def load_model(gin_files: Sequence[str], bindings: Sequence[str] = ()):
     return T5(model_config(gin_files, bindings))
 
 
+def time_train_steps(settings: dict, batch, mesh, optimizer, steps: int, rounds: int):
+    """Compiles a jitted train step (Adafactor or `optimizer`) for each `{name: (model,
+    objective)}`, warms it up, then times `steps` steps per round, the settings alternating
+    within each of `rounds` rounds (other load on a shared machine slows all alike). Returns
+    `(seconds per step per round {name: [...]}, compile seconds {name: s}, XLA's FLOP count of
+    each compiled step {name: flops or None}, final states {name: state})`."""
+    from e2s2_jax.training.train_state import init_train_state
+    from e2s2_jax.training.train_step import make_train_step
+
+    runners, compile_seconds, flops = {}, {}, {}
+    for name, (model, objective) in settings.items():
+        state, shardings = init_train_state(model, optimizer, mesh, jax.random.key(0))
+        step = make_train_step(model, optimizer, objective, mesh, state_shardings=shardings)
+        start = time.perf_counter()
+        compiled = step.lower(state, batch, jax.random.key(1)).compile()
+        compile_seconds[name] = time.perf_counter() - start
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, list | tuple) else cost
+        flops[name] = float(cost["flops"]) if cost and "flops" in cost else None
+        for _ in range(2):  # warm-up; the second step grows the retained heap to its peak
+            state, metrics = step(state, batch, jax.random.key(1))
+        jax.block_until_ready(metrics)
+        runners[name] = [step, state]
+    timings: dict[str, list[float]] = {name: [] for name in settings}
+    for _ in range(rounds):
+        for name, runner in runners.items():
+            step, state = runner
+            start = time.perf_counter()
+            for _ in range(steps):
+                state, metrics = step(state, batch, jax.random.key(1))
+            jax.block_until_ready((state, metrics))
+            timings[name].append((time.perf_counter() - start) / steps)
+            runner[1] = state
+    return timings, compile_seconds, flops, {name: r[1] for name, r in runners.items()}
+
+
 def hf_model_from_params(config, params, prefix: str = "hf-bench-"):
     """`T5ForConditionalGeneration` (eval mode) loaded from `params` exported with `export_hf`
     to a temporary directory: the same float32 weights on both sides."""

@@ -21,7 +21,6 @@ import os
 import platform
 import statistics
 import sys
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -68,13 +67,11 @@ def main(argv=None) -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args(argv)
 
-    from benchmarks._common import host_malloc, model_config
+    from benchmarks._common import host_malloc, model_config, time_train_steps
     from e2s2_jax.models.heads import DenoisingHead
     from e2s2_jax.models.t5 import T5
     from e2s2_jax.objectives import E2S2Objective, Seq2SeqObjective
     from e2s2_jax.training import optimizers, partitioning
-    from e2s2_jax.training.train_state import init_train_state
-    from e2s2_jax.training.train_step import make_train_step
 
     config = model_config([args.model_gin])
     mesh = partitioning.create_mesh()
@@ -95,32 +92,9 @@ def main(argv=None) -> None:
         ),
         mesh,
     )
-    runners = {}
-    compile_seconds, flops = {}, {}
-    for name, (model, objective) in settings.items():
-        state, shardings = init_train_state(model, optimizer, mesh, jax.random.key(0))
-        step = make_train_step(model, optimizer, objective, mesh, state_shardings=shardings)
-        start = time.perf_counter()
-        compiled = step.lower(state, batch, jax.random.key(1)).compile()
-        compile_seconds[name] = time.perf_counter() - start
-        cost = compiled.cost_analysis()
-        cost = cost[0] if isinstance(cost, list | tuple) else cost
-        flops[name] = float(cost["flops"]) if cost and "flops" in cost else None
-        for _ in range(2):  # warm-up; the second step grows the retained heap to its peak
-            state, metrics = step(state, batch, jax.random.key(1))
-        jax.block_until_ready(metrics)
-        runners[name] = [step, state]
-
-    rounds: dict[str, list[float]] = {name: [] for name in settings}
-    for _ in range(args.rounds):
-        for name, runner in runners.items():
-            step, state = runner
-            start = time.perf_counter()
-            for _ in range(args.steps):
-                state, metrics = step(state, batch, jax.random.key(1))
-            jax.block_until_ready((state, metrics))
-            rounds[name].append((time.perf_counter() - start) / args.steps)
-            runner[1] = state
+    rounds, compile_seconds, flops, states = time_train_steps(
+        settings, batch, mesh, optimizer, args.steps, args.rounds
+    )
     # The median round, and the fastest (on a shared machine other load only slows a round).
     seconds = {name: statistics.median(values) for name, values in rounds.items()}
     fastest = {name: min(values) for name, values in rounds.items()}
@@ -130,7 +104,7 @@ def main(argv=None) -> None:
             {
                 "model_gin": args.model_gin,
                 "parameters": int(
-                    sum(x.size for x in jax.tree.leaves(runners["span_corruption"][1].params))
+                    sum(x.size for x in jax.tree.leaves(states["span_corruption"].params))
                 ),
                 "batch_size": args.batch_size,
                 "inputs_length": args.inputs_length,

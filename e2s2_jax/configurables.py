@@ -23,6 +23,8 @@ gin.external_configurable(
 gin.external_configurable(optax.constant_schedule, module="optax")
 gin.external_configurable(objectives.E2S2Objective, module="e2s2_jax")
 gin.external_configurable(heads.DenoisingHead, module="e2s2_jax")
+gin.external_configurable(heads.RTSHead, module="e2s2_jax")
+gin.external_configurable(heads.SLMHead, module="e2s2_jax")
 gin.external_configurable(fusion.SurfaceFusion, module="e2s2_jax")
 gin.external_configurable(encoder_fusion.LayerAttention, module="e2s2_jax")
 gin.external_configurable(encoder_fusion.FineGrainedLayerAttention, module="e2s2_jax")

@@ -9,6 +9,7 @@
     python -m e2s2_jax.main probe ... (`gin/runs/probe.gin`; a linear probe of the encoder)
     python -m e2s2_jax.main ssr-generate ... (`gin/runs/ssr_generate.gin`; SSR's generation job)
     python -m e2s2_jax.main convert {import,export} ...   (Hugging Face <-> params; see --help)
+    python -m e2s2_jax.main clusters ...  (C-RTS's token -> cluster table; see --help)
 
 Flags: `--gin_file` (repeatable; looked up in `--gin_search_paths`, default `gin/` and the
 working directory), `--gin.NAME=VALUE` (a binding or macro, e.g. `--gin.train.batch_size=64`),
@@ -32,7 +33,7 @@ import gin  # noqa: E402
 import jax  # noqa: E402
 
 import e2s2_jax.configurables  # noqa: E402, F401  (registers the Gin configurables)
-from e2s2_jax import gin_checks  # noqa: E402
+from e2s2_jax import gin_checks, token_clusters  # noqa: E402
 from e2s2_jax.console import console  # noqa: E402
 from e2s2_jax.errors import (  # noqa: E402
     EXIT_BAD_INPUT,
@@ -220,6 +221,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "convert":
         return hf.main(argv[1:]) or 0
+    if argv and argv[0] == "clusters":
+        return token_clusters.main(argv[1:])
     args, bindings = parse_flags(argv)
     try:
         initialize_distributed(args)  # before anything touches a JAX backend

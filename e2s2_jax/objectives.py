@@ -15,8 +15,10 @@ metrics over microbatches gives exactly the full-batch values, for any objective
 `training/train_step.py`). Normalizers are reported as metrics as they are.
 
 `Seq2SeqObjective` is T5's: token cross-entropy on the decoder (span corruption, prefix LM,
-full reconstruction, fine-tuning all use it). `E2S2Objective` adds E2S2's second (noised) view,
-its denoising and contrastive terms (METHODS.md section 1).
+full reconstruction, fine-tuning all use it). `E2S2Objective` adds an encoder-side second view
+and the terms on it: E2S2's denoising and contrastive terms (METHODS.md section 1), RTS / C-RTS's
+replaced-token detection (the same per-position classifier with two classes) and SLM's
+prediction of the original tokens at swapped positions (METHODS.md section 4).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from e2s2_jax import losses
+from e2s2_jax.data import view_labels
 from e2s2_jax.models import fusion, heads
 from e2s2_jax.models.attention_entropy import ENTROPY_COLLECTION, entropy_terms
 
@@ -164,17 +167,59 @@ class Seq2SeqObjective:
         return loss, {**metrics, **entropy}
 
 
-# View N's features, made by `E2S2EncDecFeatureConverter(with_noised_view=True)` from an E2S2
-# task; view M is `encoder_input_tokens` (the span-corrupted input).
+# View N's features, made by `E2S2EncDecFeatureConverter(with_noised_view=True)` from a task
+# with a second view (E2S2, RTS, C-RTS, SLM); view M is `encoder_input_tokens` (the inputs).
 NOISED_TOKENS = "encoder_input_tokens_noised"
 NOISE_LABELS = "encoder_noise_labels"
 MASKED_TOKENS = "encoder_input_tokens"
 
 
+def view_positions(batch: Batch) -> jax.Array:
+    """bool `[batch, length]`: view N's non-pad positions of examples that have a second view
+    (an example without one is labelled `view_labels.NO_SECOND_VIEW` and adds no encoder term)."""
+    return (batch[NOISED_TOKENS] != 0) & (batch[NOISE_LABELS] != view_labels.NO_SECOND_VIEW)
+
+
+def slm_targets(
+    masked_tokens: jax.Array, noise_labels: jax.Array, replaced_label: int
+) -> jax.Array:
+    """SLM's encoder targets `[batch, length]`: the original token (view M's) where view N's label
+    is `replaced_label`, 0 (ignored) elsewhere. View N is aligned with view M and a replaced
+    position is never moved, so view M holds the original there; originals are never pad."""
+    return jnp.where(noise_labels == replaced_label, masked_tokens, 0)
+
+
+def first_positions(selected: jax.Array, count: int) -> tuple[jax.Array, jax.Array]:
+    """`(positions [batch, count] int32, valid [batch, count] bool)`: the first `count` true
+    positions of each row of `selected` `[batch, length]`, in order (padded with invalid 0s)."""
+    length = selected.shape[-1]
+    keys = jnp.where(selected, length - jnp.arange(length), 0)
+    top, positions = jax.lax.top_k(keys, count)
+    valid = top > 0
+    return jnp.where(valid, positions, 0).astype(jnp.int32), valid
+
+
+def mode_count(values: jax.Array, weights: jax.Array) -> jax.Array:
+    """float32 count of the commonest of `values` (ints >= 0) where `weights` is nonzero."""
+    flat = jnp.where(weights != 0, values, -1).reshape(-1)
+    ordered = jnp.sort(flat)
+    counts = jnp.searchsorted(ordered, ordered, side="right") - jnp.searchsorted(
+        ordered, ordered, side="left"
+    )
+    return jnp.max(jnp.where(ordered >= 0, counts, 0)).astype(jnp.float32)
+
+
 @dataclasses.dataclass(frozen=True)
 class E2S2Objective:
-    """E2S2: `nll_noised_weight * NLL(view N) + nll_masked_weight * NLL(view M)
-    + denoise_weight * L_denoise + contrast_weight * L_contrast` (METHODS.md section 1).
+    """The decoder loss with encoder-side terms on a second view of the inputs, each weighted:
+    `nll_noised_weight * NLL(view N) + nll_masked_weight * NLL(view M) + denoise_weight *
+    L_denoise + contrast_weight * L_contrast + slm_weight * L_slm` (METHODS.md sections 1, 4).
+
+    E2S2: view N is the trigram-shuffled, replaced view and `L_denoise` its 3-way noise labels.
+    RTS / C-RTS: view N is the swapped view, `L_denoise` its 2-way original/replaced labels
+    (`DenoisingHead.num_classes = 2`, the head named e.g. "rts"). SLM: `L_slm` on the swapped
+    view. Examples without a second view (labelled `view_labels.NO_SECOND_VIEW`, e.g. span
+    corruption in a mixture with E2S2) count in the NLL terms only.
 
     Both views run as one batch of 2B rows through encoder and decoder (rows interleaved, N_0,
     M_0, N_1, M_1, ..., so that each device's rows of both views stay on that device), then
@@ -185,7 +230,7 @@ class E2S2Objective:
       t5x's z-loss and label smoothing as `Seq2SeqObjective` (and, as there, the reference's
       NLL of the fused score for a SurfaceFusion "hard"/"gate" model: `decoder_nll`).
     - denoise: cross-entropy of the `denoise_head` model head (`heads.DenoisingHead`) against
-      `encoder_noise_labels` over view N's non-pad positions.
+      `encoder_noise_labels` over view N's positions (`view_positions`).
     - contrast: symmetric NT-Xent (`losses.nt_xent`) between the L2-normalised masked mean
       pools of the two views' encoder outputs, one example per packed segment (at most
       `max_segments_per_row`; the `contrast_dropped_segments` metric counts any beyond it).
@@ -193,27 +238,38 @@ class E2S2Objective:
       contiguous blocks of rows (the per-device batch when S is the data-parallel size, as the
       reference's per-GPU negatives). Under gradient accumulation the negatives are those of
       each microbatch; the other terms accumulate exactly.
+    - slm: cross-entropy of the `slm_head` model head (`heads.SLMHead`) against the original
+      tokens at the positions labelled `replaced_label` (`slm_targets`), only there. With
+      `slm_positions_per_row=K` the vocabulary logits are computed at the first K such
+      positions of each row only (`slm_dropped_positions` counts the others).
 
     Metrics (additive contributions, as every objective's): `loss`, `nll_noised`,
     `nll_masked` (cross-entropy without z-loss), `z_loss` (the weighted z-loss part of
-    `loss`), `denoise_loss`, `denoise_accuracy`, `denoise_majority_rate` (the fraction of
-    positions labelled untouched: the accuracy of the majority-class guess), `contrast_loss`,
+    `loss`); for the per-position head named H (`denoise_head`: "denoise" for E2S2, "rts"):
+    `H_loss`, `H_accuracy`, `H_majority_rate` (the fraction of positions labelled 0,
+    untouched / original: the accuracy of the majority-class guess); `contrast_loss`,
     `contrast_accuracy` (anchors whose positive beats every negative),
-    `contrast_dropped_segments`; each only when its term
-    is computed. Normalizers: `weight_sum` (target tokens), `denoise_weight_sum` (view N's
-    non-pad positions), `contrast_anchor_count` (2 x pooled examples).
+    `contrast_dropped_segments`; for SLM's head S (`slm_head`): `S_loss`, `S_accuracy`,
+    `S_majority_rate` (the accuracy of always answering the batch's commonest original token),
+    `S_dropped_positions`; each only when its term is computed. Normalizers: `weight_sum`
+    (target tokens), `H_weight_sum` (view N's positions), `contrast_anchor_count` (2 x pooled
+    examples), `S_weight_sum` (swapped positions), `S_majority_count`.
     """
 
     nll_noised_weight: float = 0.5
     nll_masked_weight: float = 0.5
     denoise_weight: float = 0.05
     contrast_weight: float = 0.05
+    slm_weight: float = 0.0
     temperature: float = 1.0
     per_shard_negatives: int | None = None
     max_segments_per_row: int = 8
     z_loss: float = 1e-4
     label_smoothing: float = 0.0
     denoise_head: str = "denoise"
+    slm_head: str = "slm"
+    replaced_label: int = view_labels.E2S2_REPLACED
+    slm_positions_per_row: int | None = None
 
     def __post_init__(self):
         if self.temperature <= 0:
@@ -225,11 +281,21 @@ class E2S2Objective:
             )
         if self.max_segments_per_row < 1:
             raise ValueError("E2S2Objective.max_segments_per_row must be at least 1.")
+        if self.slm_positions_per_row is not None and self.slm_positions_per_row < 1:
+            raise ValueError(
+                f"E2S2Objective.slm_positions_per_row={self.slm_positions_per_row}: use None "
+                "(every position) or a positive count."
+            )
+        if self.denoise_head == self.slm_head:
+            raise ValueError(
+                f"E2S2Objective.denoise_head and slm_head are both {self.slm_head!r}: name the "
+                "two heads apart (e.g. 'rts' and 'slm')."
+            )
 
     @property
     def views(self) -> tuple[str, ...]:
         """The encoder input features run through the model, in row order within a pair."""
-        noised = self.nll_noised_weight != 0 or self.denoise_weight != 0
+        noised = self.nll_noised_weight != 0 or self.denoise_weight != 0 or self.slm_weight != 0
         masked = self.nll_masked_weight != 0
         if self.contrast_weight != 0:
             noised = masked = True
@@ -239,41 +305,64 @@ class E2S2Objective:
 
     def _check_batch(self, batch: Batch) -> None:
         needed = [NOISED_TOKENS] if NOISED_TOKENS in self.views else []
-        if self.denoise_weight != 0:
+        if self.denoise_weight != 0 or self.slm_weight != 0 or self.contrast_weight != 0:
             needed.append(NOISE_LABELS)
         missing = [name for name in needed if name not in batch]
         if missing:
             raise ValueError(
                 f"E2S2Objective needs view N's {missing} in the batch, which has "
-                f"{sorted(batch)}. Build batches from an E2S2 task (e.g. bundled_e2s2, c4_e2s2) "
-                "with E2S2EncDecFeatureConverter(with_noised_view=True) (Gin: "
+                f"{sorted(batch)}. Build batches from a task with a second view (e.g. "
+                "bundled_e2s2, bundled_rts, bundled_slm, c4_e2s2) with "
+                "E2S2EncDecFeatureConverter(with_noised_view=True) (Gin: "
                 "E2S2EncDecFeatureConverter.with_noised_view = True)."
             )
 
     def _pool_valid(self, batch: Batch) -> jax.Array:
-        """`[batch, max_segments]`: slots holding a segment in both views."""
+        """`[batch, max_segments]`: slots holding a segment with a second view in both views."""
         segment_ids = batch.get("encoder_segment_ids")
+        has_view = batch[NOISE_LABELS] != view_labels.NO_SECOND_VIEW
         valid = None
         for name in (NOISED_TOKENS, MASKED_TOKENS):
             membership = heads.segment_membership(
-                batch[name] != 0, segment_ids, self.max_segments_per_row
+                (batch[name] != 0) & has_view, segment_ids, self.max_segments_per_row
             )
             view_valid = jnp.sum(membership, axis=1) > 0
             valid = view_valid if valid is None else valid & view_valid
         return valid
 
+    def _slm_weights(self, batch: Batch) -> tuple[jax.Array, jax.Array]:
+        """`(targets, weights)` `[batch, length]` of the SLM term (`slm_targets`)."""
+        targets = slm_targets(batch[MASKED_TOKENS], batch[NOISE_LABELS], self.replaced_label)
+        targets = jnp.where(view_positions(batch), targets, 0)
+        return targets, (targets != 0).astype(jnp.float32)
+
     def normalizers(self, batch: Batch) -> Metrics:
         self._check_batch(batch)
         normalizers = {"weight_sum": jnp.sum(target_weights(batch))}
         if self.denoise_weight != 0:
-            normalizers["denoise_weight_sum"] = jnp.sum(batch[NOISED_TOKENS] != 0).astype(
+            normalizers[f"{self.denoise_head}_weight_sum"] = jnp.sum(view_positions(batch)).astype(
                 jnp.float32
             )
         if self.contrast_weight != 0:
             normalizers["contrast_anchor_count"] = 2.0 * jnp.sum(self._pool_valid(batch)).astype(
                 jnp.float32
             )
+        if self.slm_weight != 0:
+            targets, weights = self._slm_weights(batch)
+            normalizers[f"{self.slm_head}_weight_sum"] = jnp.sum(weights)
+            normalizers[f"{self.slm_head}_majority_count"] = mode_count(targets, weights)
         return normalizers
+
+    def _head_output(self, intermediates, head: str, weight_name: str, factory: str):
+        head_outputs = intermediates["heads"]
+        if head not in head_outputs:
+            raise ValueError(
+                f"E2S2Objective.{weight_name}={getattr(self, weight_name)} needs the model head "
+                f"{head!r}, but the model has {sorted(head_outputs)}: build "
+                f"T5(config, encoder_heads=(({head!r}, {factory}),)) (Gin: "
+                f"T5.encoder_heads = (({head!r}, @{factory}),)), or set {weight_name} = 0."
+            )
+        return head_outputs[head]
 
     def __call__(self, model, params, batch, normalizers, dropout_rng, *, attention_entropy=False):
         self._check_batch(batch)
@@ -289,7 +378,7 @@ class E2S2Objective:
         model_batch[MASKED_TOKENS] = jnp.stack([batch[name] for name in views], axis=1).reshape(
             batch_size * num_views, *batch[MASKED_TOKENS].shape[1:]
         )
-        need_encoder = self.denoise_weight != 0 or self.contrast_weight != 0
+        need_encoder = self.denoise_weight != 0 or self.contrast_weight != 0 or self.slm_weight != 0
         outputs, entropy = apply_seq2seq(
             model,
             params,
@@ -327,32 +416,25 @@ class E2S2Objective:
         metrics["z_loss"] = z_total
 
         if self.denoise_weight != 0:
-            head_outputs = intermediates["heads"]
-            if self.denoise_head not in head_outputs:
-                raise ValueError(
-                    f"E2S2Objective.denoise_weight={self.denoise_weight} needs the model head "
-                    f"{self.denoise_head!r}, but the model has {sorted(head_outputs)}: build "
-                    f"T5(config, encoder_heads=(({self.denoise_head!r}, DenoisingHead),)) (Gin: "
-                    f"T5.encoder_heads = (({self.denoise_head!r}, @DenoisingHead),)), or set "
-                    "denoise_weight = 0."
-                )
-            noise_logits = view_rows(head_outputs[self.denoise_head], NOISED_TOKENS)
-            positions = (batch[NOISED_TOKENS] != 0).astype(jnp.float32)
-            denoise_sum, _, _ = losses.cross_entropy_with_logits(
-                noise_logits, batch[NOISE_LABELS], positions
-            )
-            denoise_denominator = safe_denominator(normalizers["denoise_weight_sum"])
-            metrics["denoise_loss"] = denoise_sum / denoise_denominator
-            metrics["denoise_accuracy"] = (
-                losses.classification_accuracy_sum(noise_logits, batch[NOISE_LABELS], positions)
+            name = self.denoise_head
+            head_logits = self._head_output(intermediates, name, "denoise_weight", "DenoisingHead")
+            noise_logits = view_rows(head_logits, NOISED_TOKENS)
+            positions = view_positions(batch).astype(jnp.float32)
+            # NO_SECOND_VIEW is outside the head's classes: such positions weigh 0 anyway.
+            labels = jnp.where(positions > 0, batch[NOISE_LABELS], 0)
+            denoise_sum, _, _ = losses.cross_entropy_with_logits(noise_logits, labels, positions)
+            denoise_denominator = safe_denominator(normalizers[f"{name}_weight_sum"])
+            metrics[f"{name}_loss"] = denoise_sum / denoise_denominator
+            metrics[f"{name}_accuracy"] = (
+                losses.classification_accuracy_sum(noise_logits, labels, positions)
                 / denoise_denominator
             )
-            # The accuracy of always answering "untouched" (label 0), the majority class: what
-            # `denoise_accuracy` must beat to show the head detects noise.
-            metrics["denoise_majority_rate"] = (
-                jnp.sum((batch[NOISE_LABELS] == 0) * positions) / denoise_denominator
+            # The accuracy of always answering label 0 (untouched / original), the majority
+            # class: what the accuracy must beat to show the head detects noise.
+            metrics[f"{name}_majority_rate"] = (
+                jnp.sum((labels == 0) * positions) / denoise_denominator
             )
-            loss += self.denoise_weight * metrics["denoise_loss"]
+            loss += self.denoise_weight * metrics[f"{name}_loss"]
 
         if self.contrast_weight != 0:
             encoder_outputs = intermediates["encoder"]
@@ -385,5 +467,37 @@ class E2S2Objective:
             )
             loss += self.contrast_weight * metrics["contrast_loss"]
 
+        if self.slm_weight != 0:
+            loss += self.slm_weight * self._slm_term(
+                intermediates, batch, normalizers, view_rows, metrics
+            )
+
         metrics["loss"] = loss
         return loss, {**metrics, **entropy}
+
+    def _slm_term(self, intermediates, batch, normalizers, view_rows, metrics) -> jax.Array:
+        """SLM's loss (per swapped position of the global batch); writes its metrics."""
+        name = self.slm_head
+        slm_outputs = self._head_output(intermediates, name, "slm_weight", "SLMHead")
+        hidden = view_rows(slm_outputs.hidden, NOISED_TOKENS)
+        targets, weights = self._slm_weights(batch)
+        if self.slm_positions_per_row is not None:
+            count = min(self.slm_positions_per_row, targets.shape[1])
+            positions, kept = first_positions(weights > 0, count)
+            metrics[f"{name}_dropped_positions"] = jnp.sum(weights) - jnp.sum(kept)
+            hidden = jnp.take_along_axis(hidden, positions[..., None], axis=1)
+            targets = jnp.take_along_axis(targets, positions, axis=1)
+            weights = kept.astype(jnp.float32)
+        vocab_logits = heads.slm_logits(slm_outputs, hidden)
+        slm_sum, _, _ = losses.cross_entropy_with_logits(vocab_logits, targets, weights)
+        total = normalizers[f"{name}_weight_sum"]
+        slm_denominator = safe_denominator(total)
+        metrics[f"{name}_loss"] = slm_sum / slm_denominator
+        metrics[f"{name}_accuracy"] = (
+            losses.classification_accuracy_sum(vocab_logits, targets, weights) / slm_denominator
+        )
+        # The global batch's rate of its commonest original token, as this microbatch's share.
+        metrics[f"{name}_majority_rate"] = (
+            jnp.sum(self._slm_weights(batch)[1]) / slm_denominator
+        ) * (normalizers[f"{name}_majority_count"] / slm_denominator)
+        return metrics[f"{name}_loss"]

@@ -71,7 +71,12 @@ SURFACE_FUSION_COMPARISONS = [
     ("translation_encoder_fusion_layer_attention", "translation_plain"),
 ]
 
-# e2s2: {arm: (pretraining task kind, Gin arguments)}, each continuing span corruption.
+# e2s2: {arm: (pretraining task kind, Gin arguments)}, each continuing span corruption. A kind
+# of None leaves the task to the Gin file (RTS, C-RTS, SLM: `encoder_view_task` over the bundled
+# corpus, here with the study's vocabulary); `{vocabulary}` and `{clusters}` in an argument are
+# the study's SentencePiece model and the seed's C-RTS table (k-means over its warm start's
+# input embeddings, `e2s2_jax.token_clusters`).
+_STUDY_VOCABULARY_ARG = '--gin.encoder_view_task.vocabulary_model="{vocabulary}"'
 E2S2_ARMS = {
     "continued_span_corruption": ("span_corruption", ()),
     "continued_e2s2": ("e2s2", ("--gin_file=gin/objectives/e2s2.gin",)),
@@ -84,12 +89,28 @@ E2S2_ARMS = {
             "--gin.E2S2Objective.contrast_weight=0.5",
         ),
     ),
+    # Related work (METHODS.md section 4) at the same budget, their Gin files' weights (1.0).
+    "continued_rts": (None, ("--gin_file=gin/objectives/rts.gin", _STUDY_VOCABULARY_ARG)),
+    "continued_c_rts": (
+        None,
+        (
+            "--gin_file=gin/objectives/c_rts.gin",
+            _STUDY_VOCABULARY_ARG,
+            '--gin.CLUSTER_FILE="{clusters}"',
+        ),
+    ),
+    "continued_slm": (None, ("--gin_file=gin/objectives/slm.gin", _STUDY_VOCABULARY_ARG)),
 }
+# Clusters of C-RTS's table in the study (its vocabulary has about 8000 regular ids).
+C_RTS_CLUSTERS = 256
 PROBE = "probe_wiki_topic"  # the frozen-encoder linear probe, reported like a task
 E2S2_TASKS = ("spelling_grammar", "wiki_topic")
 E2S2_COMPARISONS = [
     ("continued_e2s2", "continued_span_corruption"),
     ("continued_e2s2_strong", "continued_span_corruption"),
+    ("continued_rts", "continued_span_corruption"),
+    ("continued_c_rts", "continued_span_corruption"),
+    ("continued_slm", "continued_span_corruption"),
 ]
 
 # ssr: the student continues on SSR records mixed 50/50 with span corruption, filled by a
@@ -363,13 +384,42 @@ class StageRunner:
             warm_start = self.probe(self.span_corruption(seed))
             runs.setdefault("warm_start", {}).setdefault(PROBE, {})[str(seed)] = warm_start
             for arm, (task_kind, extra) in E2S2_ARMS.items():
-                checkpoint = self.continued(arm, seed, self.pretrain_tasks[task_kind], extra)
+                task = self.pretrain_tasks[task_kind] if task_kind else None
+                extra = [self.fill_arm_argument(arg, seed) for arg in extra]
+                checkpoint = self.continued(arm, seed, task, extra)
                 runs.setdefault(arm, {}).setdefault(PROBE, {})[str(seed)] = self.probe(checkpoint)
                 for dataset in tasks:
                     metrics = self.finetune(arm, seed, dataset, checkpoint)
                     runs[arm].setdefault(dataset, {})[str(seed)] = metrics
                 self.write("e2s2", (PROBE, *tasks), runs, E2S2_COMPARISONS, False, E2S2_ARMS)
         return self.write("e2s2", (PROBE, *tasks), runs, E2S2_COMPARISONS, True, E2S2_ARMS)
+
+    def fill_arm_argument(self, argument: str, seed: int) -> str:
+        """`argument` with `{vocabulary}` (the study's SentencePiece model) and `{clusters}`
+        (the seed's C-RTS table, built on first use) filled in."""
+        if "{clusters}" in argument:
+            argument = argument.replace("{clusters}", str(self.c_rts_clusters(seed)))
+        return argument.replace("{vocabulary}", str(self.spm_path))
+
+    def c_rts_clusters(self, seed: int) -> Path:
+        """C-RTS's token -> cluster table from the seed's warm start (its input embeddings,
+        k-means with the seed), written once to runs/c_rts_clusters/seed<seed>.npy."""
+        from e2s2_jax import token_clusters
+
+        path = self.runs / "c_rts_clusters" / f"seed{seed}.npy"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            argv = [
+                f"--params_dir={self.span_corruption(seed)}",
+                f"--output={path}",
+                f"--num_clusters={C_RTS_CLUSTERS}",
+                f"--seed={seed}",
+                f"--vocabulary_model={self.spm_path}",
+            ]
+            print("$ python -m e2s2_jax.main clusters " + " ".join(argv), flush=True)
+            if token_clusters.main(argv) != 0:
+                raise RuntimeError(f"building the C-RTS cluster table {path} failed")
+        return path
 
     def probe(self, model_dir: Path) -> dict:
         """The frozen encoder's linear probe on wiki_topic (e2s2_jax/probe.py)."""

@@ -11,10 +11,16 @@ from tasks.registration import register_mixture, register_text_task
 log = logging.getLogger(__name__)
 
 # Task name for each objective: bundled_span_corruption, bundled_full_reconstruction,
-# bundled_e2s2, bundled_e2s2_full_reconstruction.
-BUNDLED_TASKS = {objective: f"bundled_{objective}" for objective in preprocessors.OBJECTIVES}
+# bundled_e2s2, bundled_e2s2_full_reconstruction, bundled_rts, bundled_slm,
+# bundled_span_corruption_no_view (C-RTS needs a cluster file: tasks/encoder_views.py).
+BUNDLED_TASKS = {
+    objective: f"bundled_{objective}"
+    for objective in preprocessors.OBJECTIVES
+    if objective not in preprocessors.OBJECTIVES_WITH_REQUIRED_OPTIONS
+}
 # Mixtures need tasks with identical features: the plain objectives mix with each other (and
-# with SSR tasks), the E2S2 objectives with each other.
+# with SSR tasks), the objectives with a second view (E2S2, RTS, SLM, and span corruption with
+# an empty view slot, whose rows add no encoder term) with each other.
 BUNDLED_MIXTURES = {
     "bundled_span_corruption_and_full_reconstruction": (
         BUNDLED_TASKS["span_corruption"],
@@ -23,6 +29,10 @@ BUNDLED_MIXTURES = {
     "bundled_e2s2_and_e2s2_full_reconstruction": (
         BUNDLED_TASKS["e2s2"],
         BUNDLED_TASKS["e2s2_full_reconstruction"],
+    ),
+    "bundled_span_corruption_and_e2s2": (
+        BUNDLED_TASKS["span_corruption_no_view"],
+        BUNDLED_TASKS["e2s2"],
     ),
 }
 

@@ -17,7 +17,11 @@ T5_SPM_PATH = "gs://t5-data/vocabs/cc_all.32000/sentencepiece.model"
 C4_SPM_PATH_ENV_VAR = "E2S2_C4_SPM_PATH"
 # Where the prepared TFDS data lives: $TFDS_DATA_DIR, else TFDS's default (~/tensorflow_datasets).
 C4_DATA_DIR_ENV_VAR = "TFDS_DATA_DIR"
-C4_TASKS = {objective: f"c4_{objective}" for objective in preprocessors.OBJECTIVES}
+C4_TASKS = {
+    objective: f"c4_{objective}"
+    for objective in preprocessors.OBJECTIVES
+    if objective not in preprocessors.OBJECTIVES_WITH_REQUIRED_OPTIONS
+}
 
 
 def t5_vocabulary() -> seqio.SentencePieceVocabulary:

@@ -8,7 +8,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import seqio
 
-from e2s2_jax.data import preprocessors
+from e2s2_jax.data import encoder_views, preprocessors
 from e2s2_jax.data.span_corruption import check_sentinels_available
 from e2s2_jax.data.text_source import text_files_data_source
 
@@ -44,14 +44,21 @@ def objective_task(
 ) -> seqio.Task:
     """Registers a pretraining task: `source`'s text under `objective` with `vocabulary`.
 
-    objective: 'span_corruption', 'full_reconstruction', 'e2s2' or 'e2s2_full_reconstruction'
-    (preprocessors.OBJECTIVES). The E2S2 objectives add inputs_noised and noise_labels.
+    objective: one of preprocessors.OBJECTIVES ('span_corruption', 'e2s2', 'rts', 'c_rts',
+    'slm', ...). The objectives with a second view add inputs_noised and noise_labels; the
+    swap views' settings (swap_rate, cluster_file) are checked now (ConfigError).
     """
     if objective not in preprocessors.OBJECTIVES:
         raise ValueError(
             f"objective={objective!r} is not one of {sorted(preprocessors.OBJECTIVES)}."
         )
     check_sentinels_available(vocabulary, 1)
+    view = preprocessors.OBJECTIVES[objective][2]
+    if view is not None:
+        view_options = {
+            k: objective_options[k] for k in preprocessors.VIEW_OPTIONS if k in objective_options
+        }
+        encoder_views.check_view_settings(view, vocabulary, **view_options)
     return add_task(
         name,
         source=source,

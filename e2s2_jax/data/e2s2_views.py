@@ -16,18 +16,22 @@ from e2s2_jax.data.span_corruption import (
     seed_pair,
     vocabulary_of,
 )
+from e2s2_jax.data.view_labels import E2S2_REPLACED, E2S2_SHUFFLED, E2S2_UNTOUCHED, NO_SECOND_VIEW
 
 # The six orderings of a trigram; the shuffle picks one uniformly (identity included, as the
 # reference's randperm(3) does), so on average two of the three tokens move.
 _TRIGRAM_PERMUTATIONS = ((0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0))
 
-NOISE_LABEL_UNTOUCHED = 0
-NOISE_LABEL_SHUFFLED = 1
-NOISE_LABEL_REPLACED = 2
+NOISE_LABEL_UNTOUCHED = E2S2_UNTOUCHED
+NOISE_LABEL_SHUFFLED = E2S2_SHUFFLED
+NOISE_LABEL_REPLACED = E2S2_REPLACED
 
 # `noise_labels` is declared as a task feature with this vocabulary: its "eos" is 0, so the
 # usual append-eos step gives the appended eos of `inputs_noised` the label "untouched".
-NOISE_LABELS_VOCABULARY = seqio.PassThroughVocabulary(size=3, eos_id=NOISE_LABEL_UNTOUCHED)
+# Its size covers view_labels.NO_SECOND_VIEW, the label of an example without a second view.
+NOISE_LABELS_VOCABULARY = seqio.PassThroughVocabulary(
+    size=NO_SECOND_VIEW + 1, eos_id=NOISE_LABEL_UNTOUCHED
+)
 
 
 def special_token_mask(tokens: tf.Tensor, vocabulary: seqio.Vocabulary) -> tf.Tensor:

@@ -9,6 +9,8 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
+from e2s2_jax.data.view_labels import LABEL_BASE
+
 FeatureSpec = seqio.FeatureConverter.FeatureSpec
 
 NOISED_VIEW_TASK_FEATURES = ("inputs_noised", "noise_labels")
@@ -85,11 +87,13 @@ class E2S2EncDecFeatureConverter(seqio.EncDecFeatureConverter):
 
         # SeqIO's packing finds a sequence's length by counting non-zero entries, and label 0
         # ("untouched") is common. View N's tokens and labels travel as one packed feature,
-        # token * 4 + label + 1 (never 0 on a real position, 0 on padding), which also keeps
-        # the packing loop to three features instead of four.
+        # token * LABEL_BASE + label + 1 (never 0 on a real position, 0 on padding), which also
+        # keeps the packing loop to three features instead of four.
         def combine_view(features):
             features = dict(features)
-            noised_view = features.pop("inputs_noised") * 4 + features.pop("noise_labels") + 1
+            noised_view = (
+                features.pop("inputs_noised") * LABEL_BASE + features.pop("noise_labels") + 1
+            )
             features[_COMBINED_VIEW] = noised_view
             return features
 
@@ -102,8 +106,8 @@ class E2S2EncDecFeatureConverter(seqio.EncDecFeatureConverter):
         def convert(features):
             model_features = self._convert_example(features)
             combined = features[_COMBINED_VIEW]
-            model_features["encoder_input_tokens_noised"] = combined // 4
-            model_features["encoder_noise_labels"] = tf.maximum(combined % 4 - 1, 0)
+            model_features["encoder_input_tokens_noised"] = combined // LABEL_BASE
+            model_features["encoder_noise_labels"] = tf.maximum(combined % LABEL_BASE - 1, 0)
             return model_features
 
         return ds.map(convert, num_parallel_calls=tf.data.AUTOTUNE)

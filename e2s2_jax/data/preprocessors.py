@@ -11,6 +11,7 @@ import seqio
 import tensorflow as tf
 
 from e2s2_jax.data.e2s2_views import NOISE_LABELS_VOCABULARY, e2s2_views
+from e2s2_jax.data.encoder_views import add_encoder_view
 from e2s2_jax.data.span_corruption import (
     FULL_RECONSTRUCTION,
     SPAN_TARGETS,
@@ -118,17 +119,31 @@ def pretraining_output_features(
     return features
 
 
+# objective -> (preprocessor, target mode, encoder view added after the eos or None).
 OBJECTIVES = {
-    "span_corruption": (span_corruption, SPAN_TARGETS),
-    "full_reconstruction": (span_corruption, FULL_RECONSTRUCTION),
-    "e2s2": (e2s2_views, SPAN_TARGETS),
-    "e2s2_full_reconstruction": (e2s2_views, FULL_RECONSTRUCTION),
+    "span_corruption": (span_corruption, SPAN_TARGETS, None),
+    "full_reconstruction": (span_corruption, FULL_RECONSTRUCTION, None),
+    "e2s2": (e2s2_views, SPAN_TARGETS, None),
+    "e2s2_full_reconstruction": (e2s2_views, FULL_RECONSTRUCTION, None),
+    # RTS / C-RTS / SLM: span corruption, then the swapped view of its inputs (encoder_views).
+    "rts": (span_corruption, SPAN_TARGETS, "rts"),
+    "c_rts": (span_corruption, SPAN_TARGETS, "c_rts"),
+    "slm": (span_corruption, SPAN_TARGETS, "slm"),
+    # Span corruption with an empty second-view slot: mixes with the objectives above.
+    "span_corruption_no_view": (span_corruption, SPAN_TARGETS, "none"),
 }
+# The objectives that need options beyond the defaults (C-RTS: its cluster file), which the
+# bundled and C4 registrations therefore leave out (tasks/encoder_views.py registers them).
+OBJECTIVES_WITH_REQUIRED_OPTIONS = ("c_rts",)
+# Options of the swap views, handed to `add_encoder_view` rather than to the preprocessor.
+VIEW_OPTIONS = ("swap_rate", "cluster_file")
 
 
 def objective_has_noised_view(objective: str) -> bool:
     """Returns True for the objectives whose examples carry inputs_noised and noise_labels."""
-    return objective in OBJECTIVES and OBJECTIVES[objective][0] is e2s2_views
+    return objective in OBJECTIVES and (
+        OBJECTIVES[objective][0] is e2s2_views or OBJECTIVES[objective][2] is not None
+    )
 
 
 def pretraining_preprocessors(
@@ -143,19 +158,24 @@ def pretraining_preprocessors(
     """Returns the Task preprocessors: rekey text -> tokenize -> split -> objective -> eos.
 
     objective: one of OBJECTIVES ('span_corruption', 'full_reconstruction', 'e2s2',
-    'e2s2_full_reconstruction'). documents_per_group: see split_documents (128 concatenates
+    'e2s2_full_reconstruction', 'rts', 'c_rts', 'slm', 'span_corruption_no_view').
+    documents_per_group: see split_documents (128 concatenates
     documents as T5 does, so examples are full; None keeps documents apart for packing).
-    Extra keyword options go to the objective's preprocessor (e2s2: shuffle/replace ratios).
+    Extra keyword options go to the objective's preprocessor (e2s2: shuffle/replace ratios),
+    swap_rate and cluster_file to its view (rts / slm: swap_rate; c_rts: both).
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"objective={objective!r} is not one of {sorted(OBJECTIVES)}.")
-    objective_fn, target_mode = OBJECTIVES[objective]
+    objective_fn, target_mode, view = OBJECTIVES[objective]
     noise_options = dict(
         noise_density=noise_density,
         mean_noise_span_length=mean_noise_span_length,
         target_mode=target_mode,
     )
-    return [
+    view_options = {k: objective_options.pop(k) for k in VIEW_OPTIONS if k in objective_options}
+    if view_options and view is None:
+        raise ValueError(f"objective={objective!r} takes no {sorted(view_options)}.")
+    chain = [
         functools.partial(seqio.preprocessors.rekey, key_map={"targets": text_key}),
         seqio.preprocessors.tokenize,
         functools.partial(
@@ -164,6 +184,9 @@ def pretraining_preprocessors(
         functools.partial(objective_fn, **noise_options, **objective_options),
         seqio.preprocessors.append_eos_after_trim,
     ]
+    if view is not None:
+        chain.append(functools.partial(add_encoder_view, view=view, **view_options))
+    return chain
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,31 +1,36 @@
-"""E2S2's pretraining-only encoder heads: the denoising classifier and the contrastive pooling.
+"""Pretraining-only encoder heads: the per-position classifier (E2S2's 3-way denoising head,
+RTS's 2-way replaced-token head), SLM's vocabulary head, and E2S2's contrastive pooling.
 
-The denoising head is a module plugged into `T5(config, encoder_heads=(("denoise",
-DenoisingHead),))`: its parameters live under `head_denoise` and are dropped by fine-tuning and
-export. The contrastive "head" has no parameters (no projection, as in the reference), so it is
-a function the objective applies to `intermediates["encoder"]`: pooling per packed segment needs
-the batch's segment ids, which the model's head hook does not see.
+Heads are modules plugged into `T5(config, encoder_heads=(("denoise", DenoisingHead),))`: their
+parameters live under `head_<name>` and are dropped by fine-tuning and export. The contrastive
+"head" has no parameters (no projection, as in the reference), so it is a function the objective
+applies to `intermediates["encoder"]`: pooling per packed segment needs the batch's segment ids,
+which the model's head hook does not see.
 """
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax import struct
 
-from e2s2_jax.models.config import T5Config
-from e2s2_jax.models.layers import dense_rows
+from e2s2_jax.models.config import T5Config, activation_fn
+from e2s2_jax.models.layers import RMSNorm, dense_rows
 from e2s2_jax.models.t5 import EncoderOutputs
 
 Array = jax.Array
 
-# Noise labels of view N: 0 untouched, 1 moved by the trigram shuffle, 2 replaced.
+# Noise labels of E2S2's view N: 0 untouched, 1 moved by the trigram shuffle, 2 replaced.
 NUM_NOISE_CLASSES = 3
 
 
 class DenoisingHead(nn.Module):
-    """Dropout, then a dense `d_model -> 3` layer with bias: per-position noise-label logits
-    `[batch, length, 3]` (float32) from the final encoder output `[batch, length, embed]`.
+    """Dropout, then a dense `d_model -> num_classes` layer with bias: per-position label logits
+    `[batch, length, num_classes]` (float32) from the final encoder output `[batch, length,
+    embed]`. `num_classes`: 3 for E2S2's noise labels, 2 for RTS / C-RTS (original, replaced).
 
     The kernel is initialised normal(0.02) and the bias zeros (as the reference's BERT-style
     init). The dropout is the head's own (0.1), independent of `T5Config.dropout_rate`.
@@ -33,6 +38,12 @@ class DenoisingHead(nn.Module):
 
     config: T5Config
     dropout_rate: float = 0.1
+    num_classes: int = NUM_NOISE_CLASSES
+
+    def __post_init__(self):
+        if self.num_classes < 2:
+            raise ValueError(f"DenoisingHead.num_classes={self.num_classes}: use 2 or more.")
+        super().__post_init__()
 
     @nn.compact
     def __call__(self, encoder_outputs: EncoderOutputs, deterministic: bool = True) -> Array:
@@ -40,19 +51,89 @@ class DenoisingHead(nn.Module):
         kernel = self.param(
             "kernel",
             nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed", "noise_classes")),
-            (cfg.d_model, NUM_NOISE_CLASSES),
+            (cfg.d_model, self.num_classes),
             jnp.float32,
         )
         bias = self.param(
             "bias",
             nn.with_logical_partitioning(nn.initializers.zeros, ("noise_classes",)),
-            (NUM_NOISE_CLASSES,),
+            (self.num_classes,),
             jnp.float32,
         )
         hidden = nn.Dropout(self.dropout_rate)(encoder_outputs.encoded, deterministic=deterministic)
         dtype = cfg.activation_dtype
         logits = dense_rows(hidden.astype(dtype), kernel.astype(dtype))
         return logits.astype(jnp.float32) + bias
+
+
+class RTSHead(DenoisingHead):
+    """RTS / C-RTS's head: `DenoisingHead` with two classes, 0 original and 1 replaced."""
+
+    num_classes: int = 2
+
+
+@struct.dataclass
+class SLMOutputs:
+    """What `SLMHead` hands the objective: `hidden` `[batch, length, embed]` (the transformed
+    encoder output), the tied input `embedding` `[vocab, embed]` and the output `bias` `[vocab]`.
+    `slm_logits` turns them into logits at the positions the objective picks, so a loss on a few
+    positions need not compute the vocabulary logits of every position."""
+
+    hidden: Array
+    embedding: Array
+    bias: Array
+
+
+class SLMHead(nn.Module):
+    """SLM's head: predicts the original token at swapped positions from the final encoder output
+    through the tied input embedding (BERT's MLM head on T5's stack): a dense `d_model ->
+    d_model` layer (normal(0.02)), the model's activation (GELU for T5 1.1), an RMS norm, then
+    logits `hidden @ embedding.T * d_model**-0.5 + bias` (`slm_logits`). The scale puts logits
+    at unit scale for T5's normal(1.0) embedding. Returns `SLMOutputs`.
+
+    `T5` passes its shared input embedding to heads with `ties_input_embedding`.
+    """
+
+    config: T5Config
+    ties_input_embedding: ClassVar[bool] = True
+
+    @nn.compact
+    def __call__(
+        self,
+        encoder_outputs: EncoderOutputs,
+        deterministic: bool = True,
+        *,
+        shared_embedding: nn.Module,
+    ) -> SLMOutputs:
+        del deterministic  # no dropout of its own
+        cfg = self.config
+        kernel = self.param(
+            "kernel",
+            nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed", "mlp")),
+            (cfg.d_model, cfg.d_model),
+            jnp.float32,
+        )
+        bias = self.param(
+            "bias",
+            nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)),
+            (cfg.vocab_size,),
+            jnp.float32,
+        )
+        dtype = cfg.activation_dtype
+        hidden = dense_rows(encoder_outputs.encoded.astype(dtype), kernel.astype(dtype))
+        hidden = activation_fn(cfg.feed_forward_proj)(hidden)
+        hidden = RMSNorm(cfg, name="norm")(hidden)
+        return SLMOutputs(hidden=hidden, embedding=shared_embedding.embedding, bias=bias)
+
+
+def slm_logits(outputs: SLMOutputs, hidden: Array | None = None) -> Array:
+    """float32 `[..., vocab]` logits of SLM's head for `hidden` `[..., embed]` (rows of
+    `outputs.hidden`, or all of it when None)."""
+    hidden = outputs.hidden if hidden is None else hidden
+    embed = hidden.shape[-1]
+    rows = hidden.reshape(-1, embed) * embed**-0.5
+    logits = jnp.dot(rows, outputs.embedding.astype(rows.dtype).T)
+    return logits.reshape(*hidden.shape[:-1], -1).astype(jnp.float32) + outputs.bias
 
 
 def l2_normalize(x: Array, axis: int = -1) -> Array:

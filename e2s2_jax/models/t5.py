@@ -367,8 +367,9 @@ class T5(nn.Module):
     """The encoder-decoder, with pluggable encoder heads and output layer.
 
     encoder_heads: `(name, factory)` pairs; each factory builds a module called as
-      `head(encoder_outputs, deterministic=...)` whose result appears in
-      `intermediates["heads"][name]`. Heads run in `__call__` only (pretraining).
+      `head(encoder_outputs, deterministic=...)` (plus `shared_embedding=` when the head has
+      `ties_input_embedding`) whose result appears in `intermediates["heads"][name]`. Heads run
+      in `__call__` only (pretraining).
     output_layer_factory: builds the module mapping decoder states to logits (or to fused
       log-probability scores, which the loss and decoding use as `fusion.scores_used_as_is`
       says), as `factory(config, name=...)`.
@@ -404,6 +405,13 @@ class T5(nn.Module):
         self.heads = {
             name: factory(cfg, name=f"head_{name}") for name, factory in self.encoder_heads
         }
+
+    def _head_inputs(self, head: nn.Module) -> dict[str, Any]:
+        """What a head gets besides the encoder outputs: the shared input embedding for heads
+        that tie to it (`ties_input_embedding`, SLM's)."""
+        if getattr(head, "ties_input_embedding", False):
+            return {"shared_embedding": self.shared_embedding}
+        return {}
 
     def encode(
         self,
@@ -490,7 +498,7 @@ class T5(nn.Module):
             return_layer_outputs=return_intermediates,
         )
         head_outputs = {
-            name: head(encoder_outputs, deterministic=not enable_dropout)
+            name: head(encoder_outputs, deterministic=not enable_dropout, **self._head_inputs(head))
             for name, head in self.heads.items()
         }
         logits = self.decode(

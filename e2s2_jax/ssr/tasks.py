@@ -13,8 +13,9 @@ import seqio
 import tensorflow as tf
 
 import tasks  # noqa: F401  (registers the bundled span-corruption tasks a mixture may name)
-from e2s2_jax.data import preprocessors
+from e2s2_jax.data import encoder_views, preprocessors
 from e2s2_jax.data.vocab import get_vocabulary
+from e2s2_jax.errors import ConfigError
 from tasks.registration import add_task, register_mixture
 
 RECORD_PATTERN = "ssr-*.tfrecord"
@@ -56,6 +57,9 @@ def ssr_mixture_or_task(
     curriculum_stage: int | None = None,
     curriculum_stages: int = 3,
     shuffle_buffer_size: int | None = 1000,
+    encoder_view: str | None = None,
+    swap_rate: float = 0.15,
+    cluster_file: str | None = None,
 ) -> str:
     """Registers the SSR task over `records_dir`'s records (its 'train' split) and returns the
     name to train on: the task, or with `span_corruption_rate` > 0 a mixture where that fraction
@@ -63,6 +67,11 @@ def ssr_mixture_or_task(
 
     `curriculum_stage` s of `curriculum_stages`: keep only the easiest (s + 1) / stages of the
     records by fill_score (train stage 0, then 1, ... by raising TRAIN_STEPS between runs).
+
+    `encoder_view`: a second view of the records' inputs ('e2s2', 'rts', 'c_rts', 'slm' with
+    `swap_rate` / `cluster_file`; `encoder_views.add_encoder_view`), for E2S2Objective; the
+    mixture's `span_corruption_task` must then carry a second view too (bundled_e2s2,
+    bundled_rts, ..., or bundled_span_corruption_no_view, whose rows add no encoder term).
     """
     files = tf.io.gfile.glob(os.path.join(records_dir, RECORD_PATTERN))
     if not files:
@@ -75,6 +84,13 @@ def ssr_mixture_or_task(
     vocabulary = get_vocabulary(vocabulary_model)
     steps = list(preprocessors.ssr_preprocessors())
     task_name = name
+    if encoder_view is not None:
+        view_options = {"swap_rate": swap_rate, "cluster_file": cluster_file}
+        encoder_views.check_view_settings(encoder_view, vocabulary, **view_options)
+        steps.append(
+            functools.partial(encoder_views.add_encoder_view, view=encoder_view, **view_options)
+        )
+        task_name = f"{name}_{encoder_view}"
     if curriculum_stage is not None:
         threshold = curriculum_threshold(
             fill_scores(records_dir), curriculum_stage, curriculum_stages
@@ -84,13 +100,25 @@ def ssr_mixture_or_task(
     add_task(
         task_name,
         source=preprocessors.ssr_task_source({"train": os.path.join(records_dir, RECORD_PATTERN)}),
-        output_features=preprocessors.pretraining_output_features(vocabulary),
+        output_features=preprocessors.pretraining_output_features(
+            vocabulary, with_noised_view=encoder_view is not None
+        ),
         preprocessors=steps,
         shuffle_buffer_size=shuffle_buffer_size,
     )
     if span_corruption_rate == 0.0:
         return task_name
-    seqio.get_mixture_or_task(span_corruption_task)  # fails early naming an unknown task
+    other = seqio.get_mixture_or_task(span_corruption_task)  # fails early naming an unknown task
+    if ("inputs_noised" in other.output_features) != (encoder_view is not None):
+        raise ConfigError(
+            f"ssr_mixture_or_task.span_corruption_task={span_corruption_task!r} "
+            + (
+                "has no second view but encoder_view is set: use a task with one "
+                "(bundled_e2s2, bundled_rts, bundled_span_corruption_no_view, ...)."
+                if encoder_view is not None
+                else "has a second view but encoder_view is None: use bundled_span_corruption."
+            )
+        )
     mixture = f"{task_name}_and_{span_corruption_task}"
     register_mixture(
         mixture,
