@@ -10,7 +10,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import jax
@@ -18,6 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from test_main import _env
+from test_ssr_job import _main, _run
+from test_ssr_job import _train as train_tiny
 
 from e2s2_jax.data.corpus import BUNDLED_VALIDATION_FILES
 from e2s2_jax.data.text_source import read_text_documents
@@ -41,38 +42,8 @@ SCORE = [
 ]
 
 
-def _main(mode, *flags):
-    return [sys.executable, "-m", "e2s2_jax.main", mode, *flags]
-
-
-def _run(command):
-    result = subprocess.run(
-        command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600
-    )
-    if result.returncode != 0:
-        raise AssertionError(f"exit {result.returncode}\n{result.stdout}\n{result.stderr[-4000:]}")
-    return result
-
-
 def _train(model_dir, task_flags, steps):
-    return _run(
-        _main(
-            "train",
-            "--gin_file=gin/models/t5_1_1_tiny.gin",
-            "--gin_file=gin/runs/pretrain.gin",
-            "--gin_file=gin/runs/smoke.gin",
-            *task_flags,
-            f'--gin.MODEL_DIR="{model_dir}"',
-            "--gin.TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 16}",
-            "--gin.BATCH_SIZE=8",
-            f"--gin.TRAIN_STEPS={steps}",
-            "--gin.train.log_every=1",
-            "--gin.train.eval_every=0",
-            f"--gin.train.checkpoint_every={steps}",
-            "--gin.optax.warmup_cosine_decay_schedule.warmup_steps=5",
-            *ONE_LAYER,
-        )
-    )
+    return train_tiny(model_dir, task_flags, steps, batch_size=8)
 
 
 def _records(output_dir) -> dict[int, dict]:
@@ -263,3 +234,71 @@ def test_training_on_the_self_evolution_task_lowers_the_loss(scores_dir, tmp_pat
     assert last < first - 0.5, (first, last)
     config = (model_dir / "config.gin").read_text()
     assert "rectified_label_smoothing = 0.1" in config
+
+
+def test_bad_settings_stop_with_one_line_and_exit_2(tmp_path):
+    result = subprocess.run(
+        _main(
+            "score-tokens",
+            "--gin_file=gin/models/t5_1_1_tiny.gin",
+            "--gin_file=gin/runs/score_tokens.gin",
+            f'--gin.SCORING_CHECKPOINT_DIR="{tmp_path}"',
+            f'--gin.SCORES_DIR="{tmp_path / "scores"}"',
+            f"--gin.score_tokens.input_files=['{BUNDLED_VALIDATION_FILES[0]}']",
+            "--gin.score_tokens.num_rounds=1",
+        ),
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1 and "num_rounds=1" in error_lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_informed_masking_of_real_scores_masks_harder_tokens(scores_dir):
+    """The job's own scores through the task's preprocessor: masked tokens' mean cross-entropy
+    against T5's random layouts (num_candidates=1) over 20 passes of the scored examples."""
+    import seqio
+    from test_informed_masking import masked_statistics
+
+    from e2s2_jax.data import informed_masking
+    from e2s2_jax.data.preprocessors import pretraining_output_features
+    from e2s2_jax.self_evolution import tasks
+
+    vocabulary = get_vocabulary()
+    features = pretraining_output_features(vocabulary)
+    files = sorted(glob.glob(os.path.join(scores_dir, job.RECORD_PATTERN)))
+    records = list(tasks.records_dataset(files, "train", False).as_numpy_iterator())
+    documents = [r["targets"] for r in records] * 20
+    scores = [r["informativeness"] for r in records] * 20
+    source = tasks.records_dataset(files, "train", False).repeat(20)
+    figures = {}
+    for name, candidates in (("random", 1), ("informed", 16)):
+        with seqio.utils.map_seed_manager(7):
+            outputs = informed_masking.informed_span_corruption(
+                source, features, num_candidates=candidates
+            )
+        noise, spans, masked = masked_statistics(
+            documents, scores, list(outputs.as_numpy_iterator()), vocabulary
+        )
+        figures[name] = {
+            "density": noise / sum(map(len, documents)),
+            "mean_span": noise / spans,
+            "masked_informativeness": masked / noise,
+        }
+    all_scores = np.concatenate(scores)
+    print(
+        f"\nreal scores (mean {all_scores.mean():.3f}, sd {all_scores.std():.3f} nats): {figures}"
+    )
+    assert figures["informed"]["density"] == figures["random"]["density"]
+    assert figures["informed"]["mean_span"] == figures["random"]["mean_span"]
+    # Standard error of the random masked mean: sd / sqrt(masked tokens) (~0.04 nats here).
+    standard_error = all_scores.std() / np.sqrt(noise)
+    gain = (
+        figures["informed"]["masked_informativeness"] - figures["random"]["masked_informativeness"]
+    )
+    assert gain > 5 * standard_error, (gain, standard_error)
