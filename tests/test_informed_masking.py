@@ -33,19 +33,17 @@ def masked_statistics(documents, informativeness, outputs, vocabulary):
     for doc, info, example in zip(documents, informativeness, outputs, strict=True):
         inputs, targets = example["inputs"], example["targets"]
         np.testing.assert_array_equal(uncorrupt(inputs, targets, vocabulary), doc)
-        masked = np.zeros(len(doc), bool)
-        position = 0
         span_lengths = (
             np.diff(np.append(np.flatnonzero(is_sentinel(targets, vocabulary)), len(targets))) - 1
         )
-        for token in inputs:
-            if is_sentinel(token, vocabulary):
-                span = vocabulary.vocab_size - 1 - int(token)
-                masked[position : position + span_lengths[span]] = True
-                position += span_lengths[span]
-            else:
-                position += 1
-        assert position == len(doc)
+        # Each input position stands for one token, or a sentinel for its whole span.
+        input_is_sentinel = is_sentinel(inputs, vocabulary)
+        covered = np.ones(len(inputs), np.int64)
+        covered[input_is_sentinel] = span_lengths[
+            vocabulary.vocab_size - 1 - inputs[input_is_sentinel]
+        ]
+        masked = np.repeat(input_is_sentinel, covered)
+        assert len(masked) == len(doc)
         noise_tokens += int(masked.sum())
         spans += int(is_sentinel(targets, vocabulary).sum())
         masked_informativeness += float(info[masked].sum())
