@@ -41,6 +41,11 @@ INTEGER_SETTINGS = {
         ("probe", "max_test_examples", 0),
     ),
     "ssr-generate": (),
+    "score-tokens": (
+        ("score_tokens", "batch_size", 1),
+        ("score_tokens", "examples_per_chunk", 1),
+        ("score_tokens", "max_tokens_per_example", 1),
+    ),
 }
 
 

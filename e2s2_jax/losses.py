@@ -1,6 +1,6 @@
-"""Pure loss functions: token cross-entropy with z-loss and label smoothing, the label-smoothed
-NLL of log-probability scores used as is (SurfaceFusion), masked means, and E2S2's contrastive
-NT-Xent.
+"""Pure loss functions: token cross-entropy with z-loss and label smoothing (uniform, or
+rectified towards the model's own detached prediction), the label-smoothed NLL of
+log-probability scores used as is (SurfaceFusion), masked means, and E2S2's contrastive NT-Xent.
 
 Shapes: `logits` is `[..., vocab]` (float32 is expected), `targets` and `weights` are `[...]`.
 Losses are returned as sums with the matching weight sum, so that callers (gradient
@@ -135,6 +135,47 @@ def cross_entropy_with_logits(
         jnp.sum(token_z_loss * weights),
         jnp.sum(weights),
     )
+
+
+def rectified_cross_entropy_with_logits(
+    logits: Array,
+    targets: Array,
+    weights: Array | None,
+    *,
+    rectified_label_smoothing: float,
+    z_loss: float = 0.0,
+    reference_logits: Array | None = None,
+) -> tuple[Array, Array, Array]:
+    """Weighted token cross-entropy against rectified smooth labels (self-evolution learning's
+    token-specific label smoothing, the Vega v2 report): per token, with `a =
+    rectified_label_smoothing`, `y` the one-hot target and `q = stop_gradient(softmax(
+    reference_logits))` (the model's own prediction; `reference_logits` defaults to `logits`),
+    the target distribution is `t = (1 - a) * y + a * q` and the token loss is
+    `-sum_v t[v] * log_softmax(logits)[v] - H(t) + z_loss * log(Z)**2`, i.e. `KL(t || p)` plus
+    the z-loss: as t5x's smoothing, a prediction equal to the target costs 0.
+
+    Gradient wrt the logits: `softmax - (1 - a) * y - a * q` (+ the z-loss's). With `q` from the
+    same logits this is `(1 - a) * (softmax - y)`: the hard-label gradient scaled down per
+    token, without the uniform smoothing's pull of every wrong token's logit upwards.
+
+    Returns `(loss_sum, z_loss_sum, weight_sum)` as `cross_entropy_with_logits`.
+    """
+    logits = logits.astype(jnp.float32)
+    reference = logits if reference_logits is None else reference_logits.astype(jnp.float32)
+    reference_probs = jax.lax.stop_gradient(jax.nn.softmax(reference, axis=-1))
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    log_softmax = logits - log_z[..., None]
+    one_hot = jax.nn.one_hot(targets.astype(jnp.int32), logits.shape[-1], dtype=jnp.float32)
+    soft_targets = (1.0 - rectified_label_smoothing) * one_hot + (
+        rectified_label_smoothing * reference_probs
+    )
+    target_entropy = -jnp.sum(jax.scipy.special.xlogy(soft_targets, soft_targets), axis=-1)
+    z_term = z_loss * jnp.square(log_z)
+    token_loss = -jnp.sum(soft_targets * log_softmax, axis=-1) - target_entropy + z_term
+    if weights is None:
+        weights = jnp.ones(targets.shape, jnp.float32)
+    weights = weights.astype(jnp.float32)
+    return jnp.sum(token_loss * weights), jnp.sum(z_term * weights), jnp.sum(weights)
 
 
 def label_smoothed_nll(

@@ -8,6 +8,7 @@
     python -m e2s2_jax.main infer ... (`gin/runs/infer.gin`; a task split or a text file)
     python -m e2s2_jax.main probe ... (`gin/runs/probe.gin`; a linear probe of the encoder)
     python -m e2s2_jax.main ssr-generate ... (`gin/runs/ssr_generate.gin`; SSR's generation job)
+    python -m e2s2_jax.main score-tokens ... (`gin/runs/score_tokens.gin`; token informativeness)
     python -m e2s2_jax.main convert {import,export} ...   (Hugging Face <-> params; see --help)
     python -m e2s2_jax.main clusters ...  (C-RTS's token -> cluster table; see --help)
 
@@ -45,6 +46,7 @@ from e2s2_jax.errors import (  # noqa: E402
 from e2s2_jax.inference import evaluate, infer  # noqa: E402
 from e2s2_jax.interop import hf  # noqa: E402
 from e2s2_jax.probe import probe  # noqa: E402
+from e2s2_jax.self_evolution.job import score_tokens  # noqa: E402
 from e2s2_jax.ssr.job import ssr_generate  # noqa: E402
 from e2s2_jax.training.trainer import train  # noqa: E402
 
@@ -56,6 +58,7 @@ REQUIRED_MACROS = {
     "infer": ("MODEL_DIR", "TASK_FEATURE_LENGTHS"),
     "probe": ("MODEL_DIR", "MIXTURE_OR_TASK_NAME", "TASK_FEATURE_LENGTHS"),
     "ssr-generate": (),  # its Gin file marks its own macros %gin.REQUIRED
+    "score-tokens": (),  # likewise
 }
 # The job each mode runs: Gin configurables (`train.batch_size = ...` in gin/runs/*.gin).
 JOBS = {
@@ -64,6 +67,7 @@ JOBS = {
     "infer": infer,
     "probe": probe,
     "ssr-generate": ssr_generate,
+    "score-tokens": score_tokens,
 }
 
 
@@ -233,7 +237,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"warning: macros bound in the Gin files but used by no binding: {unused}"
             )
         gin_checks.check_integer_settings(
-            args.mode, {"train": train, "evaluate": evaluate, "infer": infer, "probe": probe}
+            args.mode,
+            {
+                "train": train,
+                "evaluate": evaluate,
+                "infer": infer,
+                "probe": probe,
+                "score_tokens": score_tokens,
+            },
         )
         JOBS[args.mode]()
     except (ConfigError, CheckpointError) as error:

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 
 from e2s2_jax import losses
 from e2s2_jax.data import view_labels
+from e2s2_jax.errors import ConfigError
 from e2s2_jax.models import fusion, heads
 from e2s2_jax.models.attention_entropy import ENTROPY_COLLECTION, entropy_terms
 
@@ -114,6 +115,7 @@ def decoder_nll(
     *,
     z_loss: float,
     label_smoothing: float,
+    rectified_label_smoothing: float = 0.0,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """`(loss_sum, z_loss_sum, weight_sum)` of the decoder's outputs against `targets`.
 
@@ -121,8 +123,18 @@ def decoder_nll(
     `SurfaceFusion.renormalize = True`): t5x's cross-entropy with z-loss and label smoothing
     (`losses.cross_entropy_with_logits`). SurfaceFusion "hard"/"gate" scores
     (`fusion.scores_used_as_is`): minus the score at the target, as is, with fairseq's label
-    smoothing and no z-loss (`losses.label_smoothed_nll`; METHODS.md section 3).
+    smoothing and no z-loss (`losses.label_smoothed_nll`; METHODS.md section 3). With
+    `rectified_label_smoothing` > 0, smoothing towards the model's own detached prediction
+    instead (`losses.rectified_cross_entropy_with_logits`).
     """
+    if rectified_label_smoothing:
+        return losses.rectified_cross_entropy_with_logits(
+            outputs,
+            targets,
+            weights,
+            rectified_label_smoothing=rectified_label_smoothing,
+            z_loss=z_loss,
+        )
     if fusion.scores_used_as_is(model):
         return losses.label_smoothed_nll(outputs, targets, weights, label_smoothing=label_smoothing)
     return losses.cross_entropy_with_logits(
@@ -138,12 +150,29 @@ class Seq2SeqObjective:
     reference's loss instead: minus the fused score at the target, used as is, with fairseq's
     label smoothing and no z-loss (`decoder_nll`); `cross_entropy` then reports that NLL.
 
+    `rectified_label_smoothing` (self-evolution learning; off at 0): smooth towards the model's
+    own detached prediction instead of the uniform distribution
+    (`losses.rectified_cross_entropy_with_logits`; `gin/objectives/self_evolution.gin`).
+
     Metrics: `loss` (cross-entropy + z-loss, the optimised value), `cross_entropy`, `z_loss`,
     `weight_sum` (target tokens in the global batch).
     """
 
     z_loss: float = 1e-4
     label_smoothing: float = 0.0
+    rectified_label_smoothing: float = 0.0
+
+    def __post_init__(self):
+        if not 0.0 <= self.rectified_label_smoothing < 1.0:
+            raise ConfigError(
+                f"Seq2SeqObjective.rectified_label_smoothing={self.rectified_label_smoothing}: "
+                "use a value in [0, 1) (0 turns it off; self_evolution.gin uses 0.1)."
+            )
+        if self.rectified_label_smoothing and self.label_smoothing:
+            raise ConfigError(
+                "Seq2SeqObjective.label_smoothing and rectified_label_smoothing are both set: "
+                "they are two targets for the same smoothing mass; set one of them to 0."
+            )
 
     def normalizers(self, batch: Batch) -> Metrics:
         return {"weight_sum": jnp.sum(target_weights(batch))}
@@ -159,6 +188,7 @@ class Seq2SeqObjective:
             target_weights(batch),
             z_loss=self.z_loss,
             label_smoothing=self.label_smoothing,
+            rectified_label_smoothing=self.rectified_label_smoothing,
         )
         denominator = safe_denominator(normalizers["weight_sum"])
         loss = loss_sum / denominator

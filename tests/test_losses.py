@@ -7,7 +7,12 @@ import numpy as np
 import pytest
 from numerics import assert_close_to_scale
 
-from e2s2_jax.losses import cross_entropy_with_logits, label_smoothed_nll, masked_mean
+from e2s2_jax.losses import (
+    cross_entropy_with_logits,
+    label_smoothed_nll,
+    masked_mean,
+    rectified_cross_entropy_with_logits,
+)
 
 
 def reference_cross_entropy(logits, targets, weights, z_loss, label_smoothing):
@@ -180,3 +185,107 @@ def test_masked_mean():
     assert float(masked_mean(values, mask)) == 2.0
     np.testing.assert_allclose(masked_mean(values, mask, axis=1), [2.0, 0.0])
     np.testing.assert_allclose(masked_mean(values, jnp.ones((3,)), axis=0), [2.5, 3.5, 4.5])
+
+
+def reference_rectified(logits, targets, weights, smoothing, z_loss, reference_logits=None):
+    """Rectified label smoothing in float64 NumPy: the loss `KL(t || p) + z_loss log(Z)^2` with
+    `t = (1 - a) y + a q`, `q = softmax(reference_logits)` held constant, and its closed-form
+    gradient wrt the logits, `weights * (p - t + 2 z_loss log(Z) p)`."""
+    logits = logits.astype(np.float64)
+    reference = logits if reference_logits is None else reference_logits.astype(np.float64)
+
+    def log_softmax(x):
+        top = x.max(-1, keepdims=True)
+        return x - (np.log(np.exp(x - top).sum(-1, keepdims=True)) + top)
+
+    log_p = log_softmax(logits)
+    log_z = (logits - log_p)[..., 0]
+    q = np.exp(log_softmax(reference))
+    soft = smoothing * q
+    np.put_along_axis(
+        soft,
+        targets[..., None],
+        np.take_along_axis(soft, targets[..., None], -1) + 1 - smoothing,
+        -1,
+    )
+    kl = (soft * (np.log(np.where(soft > 0, soft, 1.0)) - log_p)).sum(-1)
+    z_term = z_loss * log_z**2
+    p = np.exp(log_p)
+    grad = weights[..., None] * (p - soft + 2 * z_loss * log_z[..., None] * p)
+    return ((kl + z_term) * weights).sum(), (z_term * weights).sum(), grad
+
+
+@pytest.mark.parametrize(
+    "smoothing,z_loss,separate_reference", [(0.1, 0.0, False), (0.3, 1e-2, False), (0.2, 0.0, True)]
+)
+def test_rectified_label_smoothing_value_and_gradient_match_numpy(
+    smoothing, z_loss, separate_reference
+):
+    """Value and gradient against the NumPy reference. Tolerances: the value is a weighted sum
+    of 15 tokens' sums over 11 terms of size at most max|log p| (~10): float32 rounding of the
+    log-softmax and of each product and partial sum is a few eps32 of that, so 64 eps32 of the
+    sum of |terms| bounds it; the gradient `p - t` is a difference of numbers <= 1 computed
+    with a few roundings each (exp, the normaliser, the mixture): 8 eps32 of max|reference|."""
+    rng = np.random.default_rng(4)
+    logits = (rng.normal(size=(3, 5, 11)) * 3).astype(np.float32)
+    reference_logits = (rng.normal(size=(3, 5, 11)) * 2).astype(np.float32)
+    targets = rng.integers(0, 11, size=(3, 5)).astype(np.int32)
+    weights = (rng.random((3, 5)) > 0.3).astype(np.float32)
+    ref = jnp.asarray(reference_logits) if separate_reference else None
+
+    def loss(lg):
+        return rectified_cross_entropy_with_logits(
+            lg,
+            jnp.asarray(targets),
+            jnp.asarray(weights),
+            rectified_label_smoothing=smoothing,
+            z_loss=z_loss,
+            reference_logits=ref,
+        )
+
+    loss_sum, z_sum, weight_sum = loss(jnp.asarray(logits))
+    grad = jax.grad(lambda lg: loss(lg)[0])(jnp.asarray(logits))
+    want_sum, want_z, want_grad = reference_rectified(
+        logits,
+        targets,
+        weights.astype(np.float64),
+        smoothing,
+        z_loss,
+        reference_logits if separate_reference else None,
+    )
+    eps32 = np.finfo(np.float32).eps
+    magnitude = (weights * np.abs(logits).max(-1) * 2 + weights * (1 + z_loss * 100)).sum()
+    np.testing.assert_allclose(float(loss_sum), want_sum, rtol=0, atol=64 * eps32 * magnitude)
+    np.testing.assert_allclose(float(z_sum), want_z, rtol=0, atol=64 * eps32 * magnitude)
+    assert float(weight_sum) == weights.sum()
+    assert_close_to_scale(grad, want_grad, ulps=8)
+    if not separate_reference and z_loss == 0:
+        # Own prediction: the hard-label gradient scaled by (1 - a), unlike uniform smoothing.
+        hard = jax.grad(
+            lambda lg: cross_entropy_with_logits(lg, jnp.asarray(targets), jnp.asarray(weights))[0]
+        )(jnp.asarray(logits))
+        assert_close_to_scale(grad, (1 - smoothing) * np.asarray(hard, np.float64), ulps=8)
+        uniform = jax.grad(
+            lambda lg: cross_entropy_with_logits(
+                lg, jnp.asarray(targets), jnp.asarray(weights), label_smoothing=smoothing
+            )[0]
+        )(jnp.asarray(logits))
+        assert np.max(np.abs(np.asarray(uniform) - np.asarray(grad))) > 1e-3
+
+
+def test_rectified_label_smoothing_off_is_the_plain_loss_and_bad_values_stop():
+    from e2s2_jax.errors import ConfigError
+    from e2s2_jax.objectives import Seq2SeqObjective
+
+    rng = np.random.default_rng(5)
+    logits = jnp.asarray(rng.normal(size=(2, 4, 7)), jnp.float32)
+    targets = jnp.asarray(rng.integers(0, 7, size=(2, 4)), jnp.int32)
+    rectified = rectified_cross_entropy_with_logits(
+        logits, targets, None, rectified_label_smoothing=0.0, z_loss=1e-4
+    )
+    plain = cross_entropy_with_logits(logits, targets, None, z_loss=1e-4)
+    assert_close_to_scale(np.asarray(rectified), np.asarray(plain), ulps=16)
+    with pytest.raises(ConfigError, match="rectified_label_smoothing"):
+        Seq2SeqObjective(rectified_label_smoothing=1.0)
+    with pytest.raises(ConfigError, match="set one of them to 0"):
+        Seq2SeqObjective(label_smoothing=0.1, rectified_label_smoothing=0.1)

@@ -147,7 +147,7 @@ def _random_composition(num_items: tf.Tensor, num_parts: tf.Tensor, seed: tf.Ten
     return tf.math.bincount(part_of_item, minlength=num_parts, maxlength=num_parts, dtype=tf.int32)
 
 
-def _noise_counts_tf(num_tokens: tf.Tensor, noise_density: float, mean_span: float):
+def noise_counts_tf(num_tokens: tf.Tensor, noise_density: float, mean_span: float):
     """TensorFlow twin of noise_token_and_span_counts (float64, half-to-even rounding)."""
     length = tf.cast(num_tokens, tf.float64)
     num_noise = tf.cast(tf.round(length * noise_density), tf.int32)
@@ -158,25 +158,8 @@ def _noise_counts_tf(num_tokens: tf.Tensor, noise_density: float, mean_span: flo
     return num_noise, num_spans
 
 
-def corrupt_spans(
-    tokens: tf.Tensor,
-    seed: tf.Tensor,
-    vocab_size: int,
-    num_sentinels: int,
-    noise_density: float = 0.15,
-    mean_noise_span_length: float = 3.0,
-    target_mode: str = SPAN_TARGETS,
-) -> tuple[tf.Tensor, tf.Tensor]:
-    """Span-corrupts one int32 [length] token sequence; returns (inputs, targets), no eos.
-
-    The sequence is cut into alternating non-noise / noise spans (first non-noise, last noise,
-    as T5), span lengths a uniformly random composition of each total. Noise span k becomes
-    the sentinel vocab_size - 1 - k in the inputs; the targets are each sentinel followed by
-    its span (or, for full reconstruction, the original tokens).
-    """
-    tokens = tf.cast(tokens, tf.int32)
-    num_tokens = tf.size(tokens)
-    num_noise, num_spans = _noise_counts_tf(num_tokens, noise_density, mean_noise_span_length)
+def check_sentinel_budget(num_spans: tf.Tensor, num_sentinels: int) -> None:
+    """Asserts (in the graph) that `num_spans` sentinels exist among the extra ids."""
     tf.debugging.assert_less_equal(
         num_spans,
         num_sentinels,
@@ -185,6 +168,14 @@ def corrupt_spans(
             "documents shorter (split_documents) or use a vocabulary with more extra ids"
         ),
     )
+
+
+def random_span_layout(
+    num_tokens: tf.Tensor, num_noise: tf.Tensor, num_spans: tf.Tensor, seed: tf.Tensor
+) -> tf.Tensor:
+    """Returns int32 [num_tokens]: the span of each token in T5's layout, alternating
+    non-noise (even) / noise (odd) spans, first non-noise, last noise; the lengths of each kind
+    a uniformly random composition of its total."""
     num_parts = tf.maximum(num_spans, 1)
     noise_seed, nonnoise_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
     noise_span_lengths = _random_composition(num_noise, num_parts, noise_seed)
@@ -192,7 +183,17 @@ def corrupt_spans(
     interleaved_lengths = tf.reshape(
         tf.stack([nonnoise_span_lengths, noise_span_lengths], axis=1), [-1]
     )
-    span_of_token = tf.repeat(tf.range(2 * num_parts), interleaved_lengths)
+    return tf.repeat(tf.range(2 * num_parts), interleaved_lengths)
+
+
+def corrupt_with_layout(
+    tokens: tf.Tensor, span_of_token: tf.Tensor, vocab_size: int, target_mode: str = SPAN_TARGETS
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """Span-corrupts int32 [length] `tokens` whose spans are `span_of_token` (odd: noise);
+    returns (inputs, targets), no eos. Noise span k becomes the sentinel vocab_size - 1 - k in
+    the inputs; the targets are each sentinel followed by its span (or, for full
+    reconstruction, the original tokens)."""
+    num_tokens = tf.size(tokens)
     is_noise = tf.equal(span_of_token % 2, 1)
     is_span_start = tf.concat(
         [tf.ones([1], tf.bool), tf.not_equal(span_of_token[1:], span_of_token[:-1])], axis=0
@@ -212,6 +213,25 @@ def corrupt_spans(
         keep = tf.stack([starts_noise_span, is_noise], axis=1)
         targets = tf.boolean_mask(tf.reshape(candidates, [-1]), tf.reshape(keep, [-1]))
     return inputs, targets
+
+
+def corrupt_spans(
+    tokens: tf.Tensor,
+    seed: tf.Tensor,
+    vocab_size: int,
+    num_sentinels: int,
+    noise_density: float = 0.15,
+    mean_noise_span_length: float = 3.0,
+    target_mode: str = SPAN_TARGETS,
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """Span-corrupts one int32 [length] token sequence in T5's random layout
+    (`random_span_layout`, `corrupt_with_layout`); returns (inputs, targets), no eos."""
+    tokens = tf.cast(tokens, tf.int32)
+    num_tokens = tf.size(tokens)
+    num_noise, num_spans = noise_counts_tf(num_tokens, noise_density, mean_noise_span_length)
+    check_sentinel_budget(num_spans, num_sentinels)
+    span_of_token = random_span_layout(num_tokens, num_noise, num_spans, seed)
+    return corrupt_with_layout(tokens, span_of_token, vocab_size, target_mode)
 
 
 def span_corruption(

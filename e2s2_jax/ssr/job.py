@@ -301,17 +301,19 @@ def _chunks(
         yield number, chunk
 
 
-def _check_job_config(output_dir: str, job_config: Mapping) -> None:
-    """Writes OUTPUT_DIR/ssr_job.json, or checks a resumed job uses the same settings (other
+def _check_job_config(
+    output_dir: str, job_config: Mapping, filename: str = "ssr_job.json", job: str = "an SSR job"
+) -> None:
+    """Writes OUTPUT_DIR/`filename`, or checks a resumed job uses the same settings (other
     sharding, chunking or seeds would duplicate or skip examples)."""
-    path = os.path.join(output_dir, "ssr_job.json")
+    path = os.path.join(output_dir, filename)
     if tf.io.gfile.exists(path):
         with tf.io.gfile.GFile(path) as f:
             previous = json.load(f)
         changed = {k: (previous.get(k), v) for k, v in job_config.items() if previous.get(k) != v}
         if changed:
             raise ConfigError(
-                f"{output_dir} holds output of an SSR job with other settings {changed} "
+                f"{output_dir} holds output of {job} with other settings {changed} "
                 "(was, now): resume with the same settings and process count, or write to a "
                 "new output_dir."
             )
