@@ -17,8 +17,9 @@ metrics over microbatches gives exactly the full-batch values, for any objective
 `Seq2SeqObjective` is T5's: token cross-entropy on the decoder (span corruption, prefix LM,
 full reconstruction, fine-tuning all use it). `E2S2Objective` adds an encoder-side second view
 and the terms on it: E2S2's denoising and contrastive terms (METHODS.md section 1), RTS / C-RTS's
-replaced-token detection (the same per-position classifier with two classes) and SLM's
-prediction of the original tokens at swapped positions (METHODS.md section 4).
+replaced-token detection (the same per-position classifier with two classes), SLM's
+prediction of the original tokens at swapped positions (METHODS.md section 4) and the
+same-document task's 3-way pair classification on the mean-pooled encoder output.
 """
 
 from __future__ import annotations
@@ -202,6 +203,8 @@ class Seq2SeqObjective:
 NOISED_TOKENS = "encoder_input_tokens_noised"
 NOISE_LABELS = "encoder_noise_labels"
 MASKED_TOKENS = "encoder_input_tokens"
+# The same-document task's pair label at each input position (view_labels: 0, 1, 2, NO_PAIR).
+PAIR_LABELS = "encoder_pair_labels"
 
 
 def view_positions(batch: Batch) -> jax.Array:
@@ -239,17 +242,43 @@ def mode_count(values: jax.Array, weights: jax.Array) -> jax.Array:
     return jnp.max(jnp.where(ordered >= 0, counts, 0)).astype(jnp.float32)
 
 
+def classifier_metrics(
+    name: str,
+    logits: jax.Array,
+    labels: jax.Array,
+    weights: jax.Array,
+    share: jax.Array,
+    normalizers: Metrics,
+    metrics: Metrics,
+) -> None:
+    """Writes `name`'s `_loss`, `_accuracy` (over the weighted items, divided by the global
+    `name_weight_sum`) and `_majority_rate`: the global batch's rate of its commonest label
+    (`name_majority_count`), as the share of this microbatch's `share` items."""
+    denominator = safe_denominator(normalizers[f"{name}_weight_sum"])
+    loss_sum, _, _ = losses.cross_entropy_with_logits(logits, labels, weights)
+    metrics[f"{name}_loss"] = loss_sum / denominator
+    metrics[f"{name}_accuracy"] = (
+        losses.classification_accuracy_sum(logits, labels, weights) / denominator
+    )
+    metrics[f"{name}_majority_rate"] = (share / denominator) * (
+        normalizers[f"{name}_majority_count"] / denominator
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class E2S2Objective:
     """The decoder loss with encoder-side terms on a second view of the inputs, each weighted:
     `nll_noised_weight * NLL(view N) + nll_masked_weight * NLL(view M) + denoise_weight *
-    L_denoise + contrast_weight * L_contrast + slm_weight * L_slm` (METHODS.md sections 1, 4).
+    L_denoise + contrast_weight * L_contrast + slm_weight * L_slm + same_document_weight *
+    L_same_document` (METHODS.md sections 1, 4).
 
     E2S2: view N is the trigram-shuffled, replaced view and `L_denoise` its 3-way noise labels.
     RTS / C-RTS: view N is the swapped view, `L_denoise` its 2-way original/replaced labels
     (`DenoisingHead.num_classes = 2`, the head named e.g. "rts"). SLM: `L_slm` on the swapped
     view. Examples without a second view (labelled `view_labels.NO_SECOND_VIEW`, e.g. span
-    corruption in a mixture with E2S2) count in the NLL terms only.
+    corruption in a mixture with E2S2) count in the NLL terms only. Same-document: view M is
+    the pair `span eos span` and `L_same_document` its pair label; examples without a pair
+    (`view_labels.NO_PAIR`) count in the NLL terms only.
 
     Both views run as one batch of 2B rows through encoder and decoder (rows interleaved, N_0,
     M_0, N_1, M_1, ..., so that each device's rows of both views stay on that device), then
@@ -272,6 +301,10 @@ class E2S2Objective:
       tokens at the positions labelled `replaced_label` (`slm_targets`), only there. With
       `slm_positions_per_row=K` the vocabulary logits are computed at the first K such
       positions of each row only (`slm_dropped_positions` counts the others).
+    - same_document: cross-entropy of the `same_document_head` model head
+      (`heads.SameDocumentHead`) mean-pooled over each packed example of view M that has a pair
+      (at most `max_segments_per_row` per row), against its `encoder_pair_labels`; one term
+      per example (`pair_slots`).
 
     Metrics (additive contributions, as every objective's): `loss`, `nll_noised`,
     `nll_masked` (cross-entropy without z-loss), `z_loss` (the weighted z-loss part of
@@ -281,9 +314,12 @@ class E2S2Objective:
     `contrast_accuracy` (anchors whose positive beats every negative),
     `contrast_dropped_segments`; for SLM's head S (`slm_head`): `S_loss`, `S_accuracy`,
     `S_majority_rate` (the accuracy of always answering the batch's commonest original token),
-    `S_dropped_positions`; each only when its term is computed. Normalizers: `weight_sum`
-    (target tokens), `H_weight_sum` (view N's positions), `contrast_anchor_count` (2 x pooled
-    examples), `S_weight_sum` (swapped positions), `S_majority_count`.
+    `S_dropped_positions`; for the pair head P (`same_document_head`): `P_loss`,
+    `P_accuracy`, `P_majority_rate` (the accuracy of always answering the batch's commonest
+    pair label), `P_dropped_segments`; each only when its term is computed. Normalizers:
+    `weight_sum` (target tokens), `H_weight_sum` (view N's positions), `contrast_anchor_count`
+    (2 x pooled examples), `S_weight_sum` (swapped positions), `S_majority_count`,
+    `P_weight_sum` (examples with a pair), `P_majority_count`.
     """
 
     nll_noised_weight: float = 0.5
@@ -300,6 +336,8 @@ class E2S2Objective:
     slm_head: str = "slm"
     replaced_label: int = view_labels.E2S2_REPLACED
     slm_positions_per_row: int | None = None
+    same_document_weight: float = 0.0
+    same_document_head: str = "same_document"
 
     def __post_init__(self):
         if self.temperature <= 0:
@@ -326,7 +364,7 @@ class E2S2Objective:
     def views(self) -> tuple[str, ...]:
         """The encoder input features run through the model, in row order within a pair."""
         noised = self.nll_noised_weight != 0 or self.denoise_weight != 0 or self.slm_weight != 0
-        masked = self.nll_masked_weight != 0
+        masked = self.nll_masked_weight != 0 or self.same_document_weight != 0
         if self.contrast_weight != 0:
             noised = masked = True
         return tuple(
@@ -337,6 +375,13 @@ class E2S2Objective:
         needed = [NOISED_TOKENS] if NOISED_TOKENS in self.views else []
         if self.denoise_weight != 0 or self.slm_weight != 0 or self.contrast_weight != 0:
             needed.append(NOISE_LABELS)
+        if self.same_document_weight != 0 and PAIR_LABELS not in batch:
+            raise ValueError(
+                f"E2S2Objective.same_document_weight={self.same_document_weight} needs "
+                f"{PAIR_LABELS!r} in the batch, which has {sorted(batch)}. Build batches from "
+                "the same-document task (tasks/same_document.py) with "
+                "E2S2EncDecFeatureConverter(with_pair_labels=True)."
+            )
         missing = [name for name in needed if name not in batch]
         if missing:
             raise ValueError(
@@ -366,6 +411,21 @@ class E2S2Objective:
         targets = jnp.where(view_positions(batch), targets, 0)
         return targets, (targets != 0).astype(jnp.float32)
 
+    def pair_slots(self, batch: Batch) -> tuple[jax.Array, jax.Array]:
+        """`(labels, valid)` `[batch, max_segments]`: each packed example's pair label (0 where
+        none) and whether the slot holds an example with a pair."""
+        labels = batch[PAIR_LABELS]
+        membership = heads.segment_membership(
+            (batch[MASKED_TOKENS] != 0) & (labels != view_labels.NO_PAIR),
+            batch.get("encoder_segment_ids"),
+            self.max_segments_per_row,
+        )
+        counts = jnp.sum(membership, axis=1)
+        # One label per example, repeated at its positions: the mean is that label.
+        sums = jnp.einsum("bls,bl->bs", membership, labels.astype(jnp.float32))
+        slot_labels = jnp.round(sums / jnp.maximum(counts, 1.0)).astype(jnp.int32)
+        return slot_labels, counts > 0
+
     def normalizers(self, batch: Batch) -> Metrics:
         self._check_batch(batch)
         normalizers = {"weight_sum": jnp.sum(target_weights(batch))}
@@ -381,6 +441,11 @@ class E2S2Objective:
             targets, weights = self._slm_weights(batch)
             normalizers[f"{self.slm_head}_weight_sum"] = jnp.sum(weights)
             normalizers[f"{self.slm_head}_majority_count"] = mode_count(targets, weights)
+        if self.same_document_weight != 0:
+            labels, valid = self.pair_slots(batch)
+            name = self.same_document_head
+            normalizers[f"{name}_weight_sum"] = jnp.sum(valid).astype(jnp.float32)
+            normalizers[f"{name}_majority_count"] = mode_count(labels, valid)
         return normalizers
 
     def _head_output(self, intermediates, head: str, weight_name: str, factory: str):
@@ -408,7 +473,15 @@ class E2S2Objective:
         model_batch[MASKED_TOKENS] = jnp.stack([batch[name] for name in views], axis=1).reshape(
             batch_size * num_views, *batch[MASKED_TOKENS].shape[1:]
         )
-        need_encoder = self.denoise_weight != 0 or self.contrast_weight != 0 or self.slm_weight != 0
+        need_encoder = any(
+            weight != 0
+            for weight in (
+                self.denoise_weight,
+                self.contrast_weight,
+                self.slm_weight,
+                self.same_document_weight,
+            )
+        )
         outputs, entropy = apply_seq2seq(
             model,
             params,
@@ -502,8 +575,38 @@ class E2S2Objective:
                 intermediates, batch, normalizers, view_rows, metrics
             )
 
+        if self.same_document_weight != 0:
+            loss += self.same_document_weight * self._same_document_term(
+                intermediates, batch, normalizers, view_rows, metrics
+            )
+
         metrics["loss"] = loss
         return loss, {**metrics, **entropy}
+
+    def _same_document_term(
+        self, intermediates, batch, normalizers, view_rows, metrics
+    ) -> jax.Array:
+        """The pair classifier's loss (per example with a pair in the global batch); writes its
+        metrics."""
+        name = self.same_document_head
+        head_logits = self._head_output(
+            intermediates, name, "same_document_weight", "SameDocumentHead"
+        )
+        labels, valid = self.pair_slots(batch)
+        pooled, _ = heads.segment_mean_pool(
+            view_rows(head_logits, MASKED_TOKENS),
+            (batch[MASKED_TOKENS] != 0) & (batch[PAIR_LABELS] != view_labels.NO_PAIR),
+            batch.get("encoder_segment_ids"),
+            self.max_segments_per_row,
+        )
+        weights = valid.astype(jnp.float32)
+        classifier_metrics(name, pooled, labels, weights, jnp.sum(weights), normalizers, metrics)
+        metrics[f"{name}_dropped_segments"] = heads.dropped_segments(
+            (batch[MASKED_TOKENS] != 0) & (batch[PAIR_LABELS] != view_labels.NO_PAIR),
+            batch.get("encoder_segment_ids"),
+            self.max_segments_per_row,
+        )
+        return metrics[f"{name}_loss"]
 
     def _slm_term(self, intermediates, batch, normalizers, view_rows, metrics) -> jax.Array:
         """SLM's loss (per swapped position of the global batch); writes its metrics."""
@@ -519,15 +622,7 @@ class E2S2Objective:
             targets = jnp.take_along_axis(targets, positions, axis=1)
             weights = kept.astype(jnp.float32)
         vocab_logits = heads.slm_logits(slm_outputs, hidden)
-        slm_sum, _, _ = losses.cross_entropy_with_logits(vocab_logits, targets, weights)
-        total = normalizers[f"{name}_weight_sum"]
-        slm_denominator = safe_denominator(total)
-        metrics[f"{name}_loss"] = slm_sum / slm_denominator
-        metrics[f"{name}_accuracy"] = (
-            losses.classification_accuracy_sum(vocab_logits, targets, weights) / slm_denominator
-        )
-        # The global batch's rate of its commonest original token, as this microbatch's share.
-        metrics[f"{name}_majority_rate"] = (
-            jnp.sum(self._slm_weights(batch)[1]) / slm_denominator
-        ) * (normalizers[f"{name}_majority_count"] / slm_denominator)
+        # Every swapped position counts in the majority rate, kept by the budget or not.
+        share = jnp.sum(self._slm_weights(batch)[1])
+        classifier_metrics(name, vocab_logits, targets, weights, share, normalizers, metrics)
         return metrics[f"{name}_loss"]

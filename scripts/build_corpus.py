@@ -1,4 +1,4 @@
-"""Rebuild the bundled corpus (data/corpus/*.txt.gz) from Debian's r-cran-janeaustenr package.
+"""Rebuild the bundled corpus (data/corpus/: text and chapters) from Debian's r-cran-janeaustenr.
 
 Usage (from the repository root; needs only the Python standard library and, without --deb,
 `apt-get` on a Debian/Ubuntu machine):
@@ -220,19 +220,39 @@ def is_validation(book: str, chapter_number: int) -> bool:
     return int(digest[:8], 16) % 1000 < VALIDATION_PER_MILLE
 
 
-def build_splits(books: dict[str, RObject]) -> tuple[list[str], list[str]]:
-    """Returns (train paragraphs, validation paragraphs) in book order."""
-    train: list[str] = []
-    validation: list[str] = []
+def build_splits(
+    books: dict[str, RObject],
+) -> tuple[list[str], list[str], dict[str, list[tuple[str, int, int]]]]:
+    """Returns (train paragraphs, validation paragraphs, chapters) in book order; chapters maps
+    each split to its (book, chapter number, paragraphs in the split) rows, in line order."""
+    splits: dict[str, list[str]] = {"train": [], "validation": []}
+    chapters: dict[str, list[tuple[str, int, list[str]]]] = {"train": [], "validation": []}
     for book in BOOKS:
         if book not in books:
             raise KeyError(f"variable {book!r} not in the package data (found {sorted(books)})")
         for number, chapter in enumerate(book_chapters(books[book].value), start=1):
-            (validation if is_validation(book, number) else train).extend(chapter)
+            split = "validation" if is_validation(book, number) else "train"
+            splits[split].extend(chapter)
+            chapters[split].append((book, number, chapter))
     # No paragraph text in both splits (short lines such as '"Yes."' recur across chapters).
-    train_set = set(train)
-    validation = [paragraph for paragraph in validation if paragraph not in train_set]
-    return train, validation
+    train_set = set(splits["train"])
+    validation = [paragraph for paragraph in splits["validation"] if paragraph not in train_set]
+    counts = {
+        "train": [(book, number, len(chapter)) for book, number, chapter in chapters["train"]],
+        "validation": [
+            (book, number, sum(p not in train_set for p in paragraphs))
+            for book, number, paragraphs in chapters["validation"]
+        ],
+    }
+    counts["validation"] = [row for row in counts["validation"] if row[2]]
+    return splits["train"], validation, counts
+
+
+def chapter_index(rows: list[tuple[str, int, int]]) -> bytes:
+    """The chapters file of a split: a header, then `book<TAB>chapter<TAB>paragraphs` per
+    chapter in line order (its paragraphs are the next lines of the split's text file)."""
+    lines = ["book\tchapter\tparagraphs"] + [f"{b}\t{c}\t{n}" for b, c, n in rows]
+    return ("\n".join(lines) + "\n").encode("utf-8")
 
 
 def gzip_lines(lines: list[str]) -> bytes:
@@ -292,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         deb = args.deb.resolve() if args.deb else download_deb(Path(tmp))
         books = read_lazy_load_db(extract_data_dir(deb, Path(tmp) / "pkg"))
-    train, validation = build_splits(books)
+    train, validation, chapters = build_splits(books)
     held_out = {
         book: [
             n for n in range(1, len(book_chapters(books[book].value)) + 1) if is_validation(book, n)
@@ -301,6 +321,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(f"validation chapters (counted from each book's start): {held_out}")
     outputs = {"train.txt.gz": gzip_lines(train), "validation.txt.gz": gzip_lines(validation)}
+    # Chapter boundaries (the documents of the same-document task, e2s2_jax/data/same_document.py).
+    for split, rows in chapters.items():
+        outputs[f"{split}.chapters.tsv"] = chapter_index(rows)
 
     for name, lines in (("train", train), ("validation", validation)):
         words = sum(len(line.split()) for line in lines)
@@ -309,7 +332,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}: {len(lines)} lines, {words} words, {raw} bytes, {size} bytes gzipped")
 
     if args.check:
-        stale = [n for n, blob in outputs.items() if (args.out / n).read_bytes() != blob]
+        stale = [
+            n
+            for n, blob in outputs.items()
+            if not (args.out / n).is_file() or (args.out / n).read_bytes() != blob
+        ]
         if stale:
             print(f"differs from {args.out}: {stale}", file=sys.stderr)
             return 1

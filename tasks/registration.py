@@ -8,7 +8,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import seqio
 
-from e2s2_jax.data import encoder_views, preprocessors
+from e2s2_jax.data import encoder_views, preprocessors, same_document
 from e2s2_jax.data.span_corruption import check_sentinels_available
 from e2s2_jax.data.text_source import text_files_data_source
 
@@ -63,7 +63,9 @@ def objective_task(
         name,
         source=source,
         output_features=preprocessors.pretraining_output_features(
-            vocabulary, with_noised_view=preprocessors.objective_has_noised_view(objective)
+            vocabulary,
+            with_noised_view=preprocessors.objective_has_noised_view(objective),
+            with_pair_labels=objective in preprocessors.OBJECTIVES_WITH_PAIR_LABELS,
         ),
         preprocessors=preprocessors.pretraining_preprocessors(
             objective,
@@ -141,6 +143,38 @@ def register_ssr_task(
         source=preprocessors.ssr_task_source(split_to_filepattern, num_input_examples),
         output_features=preprocessors.pretraining_output_features(vocabulary),
         preprocessors=preprocessors.ssr_preprocessors(),
+        shuffle_buffer_size=shuffle_buffer_size,
+    )
+
+
+def register_same_document_task(
+    name: str,
+    split_documents: Mapping[str, Sequence[same_document.Document]],
+    vocabulary: seqio.Vocabulary,
+    *,
+    pairs_per_epoch: Mapping[str, int] | None = None,
+    span_words: int = 32,
+    min_span_words: int = 8,
+    seed: int = 0,
+    shuffle_buffer_size: int | None = 1000,
+) -> seqio.Task:
+    """Registers the same-document task over `split_documents` ({split: documents, each a list
+    of paragraphs}): span pairs labelled same paragraph / same document / different document
+    (`same_document.SpanPairSampler`), inputs `span eos span`, the label's name as the target
+    and `pair_labels`. Documents too few to draw every class raise ConfigError now."""
+    return add_task(
+        name,
+        source=same_document.SpanPairsDataSource(
+            split_documents,
+            pairs_per_epoch=pairs_per_epoch,
+            span_words=span_words,
+            min_span_words=min_span_words,
+            seed=seed,
+        ),
+        output_features=preprocessors.pretraining_output_features(
+            vocabulary, with_pair_labels=True
+        ),
+        preprocessors=same_document.span_pair_preprocessors(),
         shuffle_buffer_size=shuffle_buffer_size,
     )
 

@@ -21,6 +21,7 @@ from test_heads import numpy_segment_pool
 from test_nt_xent import numpy_nt_xent
 from test_train_step import tiny_config
 
+from e2s2_jax.data.view_labels import NO_PAIR
 from e2s2_jax.models.heads import DenoisingHead
 from e2s2_jax.models.t5 import T5
 from e2s2_jax.objectives import E2S2Objective, Seq2SeqObjective
@@ -89,6 +90,13 @@ def pack(rows: list[list[dict]], encoder_length: int, decoder_length: int) -> di
             out["decoder_segment_ids"][row, dec] = segment
             out["decoder_positions"][row, dec] = np.arange(t)
             encoder_at, decoder_at = encoder_at + n, decoder_at + t
+    if any("pair" in example for examples in rows for example in examples):
+        # The same-document task's label at each position of an example (NO_PAIR elsewhere).
+        out["encoder_pair_labels"] = np.full((batch, encoder_length), NO_PAIR, np.int32)
+        for row, examples in enumerate(rows):
+            for segment, example in enumerate(examples, start=1):
+                at = out["encoder_segment_ids"][row] == segment
+                out["encoder_pair_labels"][row, at] = example.get("pair", NO_PAIR)
     return out
 
 

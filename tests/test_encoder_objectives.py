@@ -1,6 +1,7 @@
-"""The encoder-side terms of RTS / C-RTS (2-way replaced-token head) and SLM (vocabulary head
-on swapped positions) in `E2S2Objective`: every term against NumPy, rows without a second view
-adding no encoder term (masked means, also E2S2's contrastive term), the SLM position budget,
+"""The encoder-side terms of RTS / C-RTS (2-way replaced-token head), SLM (vocabulary head on
+swapped positions) and the same-document task (3-way pair head on the mean pool) in
+`E2S2Objective`: every term against NumPy, rows without a second view or a pair adding no such
+term (masked means, also E2S2's contrastive term), the SLM position budget,
 gradient accumulation, 8 simulated devices, the Gin files, and the heads' export.
 
 The 8-device part runs in a subprocess (this file as a script), as tests/test_train_step.py
@@ -40,12 +41,13 @@ from e2s2_jax.objectives import E2S2Objective, first_positions, mode_count
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = 64
 ENCODER_LENGTH, DECODER_LENGTH = 12, 6
-RTS_SLM = dict(
+ENCODER_TERMS = dict(
     nll_noised_weight=1.0,
     nll_masked_weight=0.0,
     denoise_weight=0.7,
     contrast_weight=0.0,
     slm_weight=0.4,
+    same_document_weight=0.3,
     denoise_head="rts",
     replaced_label=view_labels.SWAP_REPLACED,
     z_loss=1e-3,
@@ -54,14 +56,19 @@ RTS_SLM = dict(
 
 def swap_model() -> T5:
     """test_train_step's tiny T5 with RTS's 2-way head (no dropout: comparisons across
-    microbatchings need the same masks) and SLM's head."""
+    microbatchings need the same masks), SLM's head and the same-document pair head."""
     rts = functools.partial(heads.DenoisingHead, num_classes=2, dropout_rate=0.0)
-    return T5(tiny_config(), encoder_heads=(("rts", rts), ("slm", heads.SLMHead)))
+    pair = functools.partial(heads.SameDocumentHead, dropout_rate=0.0)
+    return T5(
+        tiny_config(),
+        encoder_heads=(("rts", rts), ("slm", heads.SLMHead), ("same_document", pair)),
+    )
 
 
 def swap_example(rng, encoder_length: int, decoder_length: int, with_view: bool = True):
     """One example of the swapped view: 25% of the tokens replaced by other ids (label 1); or,
-    without a view, a copy labelled NO_SECOND_VIEW."""
+    without a view, a copy labelled NO_SECOND_VIEW. Its pair label is one of the three
+    same-document classes, or NO_PAIR (a quarter of the examples)."""
     masked = rng.integers(2, VOCAB, encoder_length).astype(np.int32)
     noised, labels = masked.copy(), np.zeros(encoder_length, np.int32)
     if with_view:
@@ -73,7 +80,9 @@ def swap_example(rng, encoder_length: int, decoder_length: int, with_view: bool 
     else:
         labels[:] = view_labels.NO_SECOND_VIEW
     targets = rng.integers(2, VOCAB, decoder_length).astype(np.int32)
-    return {"masked": masked, "noised": noised, "labels": labels, "targets": targets}
+    pair = int(rng.integers(4))  # 0, 1, 2 or NO_PAIR (3)
+    example = {"masked": masked, "noised": noised, "labels": labels, "targets": targets}
+    return {**example, "pair": pair}
 
 
 def mixed_batch(seed: int, batch_size: int = 8, packed: bool = False) -> dict[str, np.ndarray]:
@@ -112,16 +121,19 @@ def test_rts_and_slm_terms_match_numpy_and_skip_rows_without_a_view():
     model = swap_model()
     params = init_params(model)
     batch = mixed_batch(0)
-    objective = E2S2Objective(**RTS_SLM)
+    objective = E2S2Objective(**ENCODER_TERMS)
     loss, metrics = evaluate(objective, model, params, batch)
 
-    logits, intermediates = model.apply(
-        {"params": params},
-        batch["encoder_input_tokens_noised"],
-        batch["decoder_input_tokens"],
-        batch["decoder_target_tokens"],
-        return_intermediates=True,
-    )
+    def apply_on(view: str):  # the model on one view's tokens, as a plain pass
+        return model.apply(
+            {"params": params},
+            batch[view],
+            batch["decoder_input_tokens"],
+            batch["decoder_target_tokens"],
+            return_intermediates=True,
+        )
+
+    logits, intermediates = apply_on("encoder_input_tokens_noised")
     labels = batch["encoder_noise_labels"]
     has_view = labels != view_labels.NO_SECOND_VIEW
     assert has_view.any() and (~has_view & (batch["encoder_input_tokens"] != 0)).any()
@@ -147,11 +159,25 @@ def test_rts_and_slm_terms_match_numpy_and_skip_rows_without_a_view():
     )
     originals = batch["encoder_input_tokens"][swapped]
     reference["slm_majority_rate"] = np.bincount(originals).max() / len(originals)
+    # Same-document: the pair head on view M, averaged over each row's (one example's)
+    # non-pad positions, for the rows with a pair.
+    _, plain = apply_on("encoder_input_tokens")
+    pair_logits = np.asarray(plain["heads"]["same_document"], np.float64)
+    pairs = batch["encoder_pair_labels"][:, 0]
+    has_pair = pairs != view_labels.NO_PAIR
+    assert has_pair.any() and not has_pair.all()
+    present = batch["encoder_input_tokens"] != 0
+    pooled = np.stack([pair_logits[row, present[row]].mean(axis=0) for row in range(len(pairs))])
+    reference["same_document_loss"], reference["same_document_accuracy"] = numpy_cross_entropy(
+        pooled, np.where(has_pair, pairs, 0), has_pair.astype(np.float64)
+    )
+    reference["same_document_majority_rate"] = np.bincount(pairs[has_pair]).max() / has_pair.sum()
     reference["loss"] = (
         reference["nll_noised"]
         + reference["z_loss"]
         + 0.7 * reference["rts_loss"]
         + 0.4 * reference["slm_loss"]
+        + 0.3 * reference["same_document_loss"]
     )
     # Float32 model outputs against float64 NumPy of the same outputs: the softmax sums a few
     # dozen terms (64 classes at most), so 64 roundings of the scale is generous.
@@ -162,17 +188,18 @@ def test_rts_and_slm_terms_match_numpy_and_skip_rows_without_a_view():
     assert float(normalizers["rts_weight_sum"]) == positions.sum()
     assert float(normalizers["slm_weight_sum"]) == swapped.sum()
     assert float(normalizers["slm_majority_count"]) == np.bincount(originals).max()
+    assert float(normalizers["same_document_weight_sum"]) == has_pair.sum()
 
     # The SLM logits of the first K swapped positions per row only: all kept when K covers
     # every row's count (the same terms), the rest counted when it does not.
     widest = int(swapped.sum(axis=1).max())
     _, budget = evaluate(
-        E2S2Objective(**RTS_SLM, slm_positions_per_row=widest), model, params, batch
+        E2S2Objective(**ENCODER_TERMS, slm_positions_per_row=widest), model, params, batch
     )
     for name in ("slm_loss", "slm_accuracy", "loss"):
         np.testing.assert_allclose(budget[name], metrics[name], rtol=1e-5, err_msg=name)
     assert budget["slm_dropped_positions"] == 0
-    _, one = evaluate(E2S2Objective(**RTS_SLM, slm_positions_per_row=1), model, params, batch)
+    _, one = evaluate(E2S2Objective(**ENCODER_TERMS, slm_positions_per_row=1), model, params, batch)
     assert one["slm_dropped_positions"] == swapped.sum() - np.sum(swapped.any(axis=1))
 
 
@@ -255,7 +282,7 @@ def test_gradient_accumulation_equals_full_batch():
     mesh = partitioning.create_mesh(1, 1, 1, devices=jax.devices()[:1])
     initial_state = jax.device_get(init_train_state(model, sgd, mesh, jax.random.key(3))[0])
     batch = mixed_batch(4, batch_size=8, packed=True)
-    objective = E2S2Objective(**RTS_SLM)
+    objective = E2S2Objective(**ENCODER_TERMS)
     full_grads, full = _train_once(model, sgd, objective, mesh, batch, initial_state)
     micro_grads, micro = _train_once(model, sgd, objective, mesh, batch, initial_state, 4)
     for name in full:
@@ -267,14 +294,15 @@ def test_gradient_accumulation_equals_full_batch():
     # Both heads and the tied embedding are trained by their terms.
     assert np.abs(full_grads["head_rts"]["kernel"]).max() > 0
     assert np.abs(full_grads["head_slm"]["bias"]).max() > 0
+    assert np.abs(full_grads["head_same_document"]["kernel"]).max() > 0
 
 
 # ----------------------------------------------------------------------------- 8 devices
 
 
 def _worker_sharded() -> dict:
-    """Runs in the 8-device subprocess: the RTS + SLM step on 1 device and two 8-device
-    meshes; returns each one's metrics and the largest gradient difference from 1 device."""
+    """Runs in the 8-device subprocess: the RTS + SLM + same-document step on 1 device and two
+    8-device meshes; returns each one's metrics and the largest gradient difference from one."""
     import optax
 
     from e2s2_jax.training import partitioning
@@ -286,7 +314,7 @@ def _worker_sharded() -> dict:
     single = partitioning.create_mesh(1, 1, 1, devices=jax.devices()[:1])
     initial_state = jax.device_get(init_train_state(model, sgd, single, jax.random.key(0))[0])
     batch = mixed_batch(6, batch_size=16, packed=True)
-    objective = E2S2Objective(**RTS_SLM)
+    objective = E2S2Objective(**ENCODER_TERMS)
     report, grads = {}, {}
     for name, mesh in {
         "one": single,
@@ -313,6 +341,7 @@ def test_sharded_terms_equal_one_device():
                 np.testing.assert_allclose(report[mesh][metric], value, rtol=1e-5, err_msg=metric)
         assert report[f"max_grad_diff_{mesh}"] <= 1e-5 * report["max_grad"], mesh
     assert report["one"]["slm_loss"] > 0 and report["one"]["rts_loss"] > 0
+    assert report["one"]["same_document_loss"] > 0
 
 
 # ----------------------------------------------------------------------------- Gin, heads
@@ -364,7 +393,7 @@ def test_new_heads_are_dropped_by_export_and_fine_tuning(tmp_path):
 
     model = swap_model()
     params = init_params(model)
-    assert {"head_rts", "head_slm"} <= set(params)
+    assert {"head_rts", "head_slm", "head_same_document"} <= set(params)
     hf.export_hf(model.config, params, str(tmp_path / "hf"))
     _, reimported = hf.import_hf(str(tmp_path / "hf"))
     plain = {k: v for k, v in params.items() if not k.startswith("head_")}
@@ -385,9 +414,10 @@ def test_new_heads_are_dropped_by_export_and_fine_tuning(tmp_path):
     loaded, filled, ignored = load_params_into(str(tmp_path / "pretrained"), finetune, shardings)
     assert not filled and sorted({name.split("/")[0] for name in ignored}) == [
         "head_rts",
+        "head_same_document",
         "head_slm",
     ]
-    assert "head_rts" not in loaded and "head_slm" not in loaded
+    assert not {"head_rts", "head_slm", "head_same_document"} & set(loaded)
 
 
 def test_slm_head_logits_against_numpy():

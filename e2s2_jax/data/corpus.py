@@ -11,13 +11,18 @@ CORPUS_DIR = Path(__file__).resolve().parents[2] / "data" / "corpus"
 # One paragraph per line, gzip; validation holds out whole chapters (about 4% of the words).
 BUNDLED_TRAIN_FILES: list[str] = [str(CORPUS_DIR / "train.txt.gz")]
 BUNDLED_VALIDATION_FILES: list[str] = [str(CORPUS_DIR / "validation.txt.gz")]
+# Each split's chapters (book, chapter, paragraphs), in line order: the same-document task's
+# documents (e2s2_jax/data/same_document.py).
+BUNDLED_TRAIN_CHAPTERS = str(CORPUS_DIR / "train.chapters.tsv")
+BUNDLED_VALIDATION_CHAPTERS = str(CORPUS_DIR / "validation.chapters.tsv")
 # SentencePiece pieces of the demo vocabulary, before seqio's 100 extra ids (total 8100).
 DEMO_VOCAB_SIZE = 8000
 
 
 def check_bundled_corpus() -> None:
     """Raises FileNotFoundError naming a missing bundled file and how to get it back."""
-    for path in BUNDLED_TRAIN_FILES + BUNDLED_VALIDATION_FILES:
+    chapters = [BUNDLED_TRAIN_CHAPTERS, BUNDLED_VALIDATION_CHAPTERS]
+    for path in BUNDLED_TRAIN_FILES + BUNDLED_VALIDATION_FILES + chapters:
         if not Path(path).is_file():
             raise FileNotFoundError(
                 f"bundled corpus file {path} is missing: run from a git checkout of e2s2-jax "

@@ -1,5 +1,6 @@
-"""Encoder-decoder feature converter (SeqIO) that packs E2S2's second view and noise labels
-aligned with the encoder inputs, and a packing-efficiency measure for benchmarks."""
+"""Encoder-decoder feature converter (SeqIO) that packs E2S2's second view and noise labels, and
+the same-document task's pair labels, aligned with the encoder inputs, and a packing-efficiency
+measure for benchmarks."""
 
 from __future__ import annotations
 
@@ -9,13 +10,15 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
-from e2s2_jax.data.view_labels import LABEL_BASE
+from e2s2_jax.data.view_labels import LABEL_BASE, NO_PAIR
 
 FeatureSpec = seqio.FeatureConverter.FeatureSpec
 
 NOISED_VIEW_TASK_FEATURES = ("inputs_noised", "noise_labels")
 NOISED_VIEW_MODEL_FEATURES = ("encoder_input_tokens_noised", "encoder_noise_labels")
 _COMBINED_VIEW = "inputs_noised_and_labels"
+PAIR_LABELS_TASK_FEATURE = "pair_labels"
+PAIR_LABELS_MODEL_FEATURE = "encoder_pair_labels"
 
 
 class E2S2EncDecFeatureConverter(seqio.EncDecFeatureConverter):
@@ -29,26 +32,40 @@ class E2S2EncDecFeatureConverter(seqio.EncDecFeatureConverter):
 
     `with_noised_view`: True / False, or None (default) to follow the dataset. The lengths of
     inputs_noised and noise_labels default to that of inputs (they must be equal).
+
+    `with_pair_labels` (the same-document task and what mixes with it): likewise for the task's
+    `pair_labels`, which becomes encoder_pair_labels (view_labels' pair classes; NO_PAIR at
+    padding and in rows without a pair).
     """
 
-    def __init__(self, *args, with_noised_view: bool | None = None, **kwargs):
+    def __init__(
+        self,
+        *args,
+        with_noised_view: bool | None = None,
+        with_pair_labels: bool | None = None,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
         self._with_noised_view = with_noised_view
-        self._set_noised_view(bool(with_noised_view))
+        self._with_pair_labels = with_pair_labels
+        self._set_features(bool(with_noised_view), bool(with_pair_labels))
 
-    def _set_noised_view(self, enabled: bool) -> None:
+    def _set_features(self, noised_view: bool, pair_labels: bool) -> None:
         task_features = dict(seqio.EncDecFeatureConverter.TASK_FEATURES)
         model_features = dict(seqio.EncDecFeatureConverter.MODEL_FEATURES)
-        if enabled:
-            task_features.update(
-                {k: FeatureSpec(dtype=tf.int32) for k in NOISED_VIEW_TASK_FEATURES}
-            )
-            model_features.update(
-                {k: FeatureSpec(dtype=tf.int32) for k in NOISED_VIEW_MODEL_FEATURES}
-            )
+        task_names, model_names = [], []
+        if noised_view:
+            task_names += NOISED_VIEW_TASK_FEATURES
+            model_names += NOISED_VIEW_MODEL_FEATURES
+        if pair_labels:
+            task_names.append(PAIR_LABELS_TASK_FEATURE)
+            model_names.append(PAIR_LABELS_MODEL_FEATURE)
+        task_features.update({k: FeatureSpec(dtype=tf.int32) for k in task_names})
+        model_features.update({k: FeatureSpec(dtype=tf.int32) for k in model_names})
         self.TASK_FEATURES = task_features
         self.MODEL_FEATURES = model_features
-        self._noised_view_enabled = enabled
+        self._noised_view_enabled = noised_view
+        self._pair_labels_enabled = pair_labels
 
     def __call__(
         self, ds: tf.data.Dataset, task_feature_lengths: Mapping[str, int]
@@ -61,53 +78,75 @@ class E2S2EncDecFeatureConverter(seqio.EncDecFeatureConverter):
                 "with_noised_view=True but the dataset has no 'inputs_noised': use an E2S2 task "
                 "(e2s2_views preprocessor) or with_noised_view=False."
             )
-        self._set_noised_view(enabled)
+        pairs = self._with_pair_labels
+        if pairs is None:
+            pairs = PAIR_LABELS_TASK_FEATURE in ds.element_spec
+        if pairs and PAIR_LABELS_TASK_FEATURE not in ds.element_spec:
+            raise ValueError(
+                "with_pair_labels=True but the dataset has no 'pair_labels': use a same-document "
+                "task (or a mixture with one) or with_pair_labels=False."
+            )
+        self._set_features(enabled, pairs)
         return super().__call__(ds, self._complete_lengths(task_feature_lengths))
 
     def _complete_lengths(self, task_feature_lengths: Mapping[str, int]) -> dict[str, int]:
         lengths = dict(task_feature_lengths)
-        if self._noised_view_enabled:
-            for key in NOISED_VIEW_TASK_FEATURES:
+        for keys, enabled in (
+            (NOISED_VIEW_TASK_FEATURES, self._noised_view_enabled),
+            ((PAIR_LABELS_TASK_FEATURE,), self._pair_labels_enabled),
+        ):
+            for key in keys:
+                if not enabled:
+                    lengths.pop(key, None)
+                    continue
                 lengths.setdefault(key, lengths["inputs"])
                 if lengths[key] != lengths["inputs"]:
                     raise ValueError(
                         f"task_feature_lengths[{key!r}]={lengths[key]} must equal "
                         f"task_feature_lengths['inputs']={lengths['inputs']}: the views align."
                     )
-        else:
-            for key in NOISED_VIEW_TASK_FEATURES:
-                lengths.pop(key, None)
         return lengths
 
     def _convert_features(
         self, ds: tf.data.Dataset, task_feature_lengths: Mapping[str, int]
     ) -> tf.data.Dataset:
-        if not self._noised_view_enabled:
+        noised_view, pair_labels = self._noised_view_enabled, self._pair_labels_enabled
+        if not (noised_view or pair_labels):
             return super()._convert_features(ds, task_feature_lengths)
 
         # SeqIO's packing finds a sequence's length by counting non-zero entries, and label 0
-        # ("untouched") is common. View N's tokens and labels travel as one packed feature,
-        # token * LABEL_BASE + label + 1 (never 0 on a real position, 0 on padding), which also
-        # keeps the packing loop to three features instead of four.
-        def combine_view(features):
+        # ("untouched", "same paragraph") is common. View N's tokens and labels travel as one
+        # packed feature, token * LABEL_BASE + label + 1 (never 0 on a real position, 0 on
+        # padding), which also keeps the packing loop to three features instead of four; the
+        # pair labels travel as label + 1.
+        def encode(features):
             features = dict(features)
-            noised_view = (
-                features.pop("inputs_noised") * LABEL_BASE + features.pop("noise_labels") + 1
-            )
-            features[_COMBINED_VIEW] = noised_view
+            if noised_view:
+                features[_COMBINED_VIEW] = (
+                    features.pop("inputs_noised") * LABEL_BASE + features.pop("noise_labels") + 1
+                )
+            if pair_labels:
+                features[PAIR_LABELS_TASK_FEATURE] += 1
             return features
 
         lengths = dict(task_feature_lengths)
-        lengths[_COMBINED_VIEW] = lengths.pop("inputs_noised")
-        lengths.pop("noise_labels")
-        ds = ds.map(combine_view, num_parallel_calls=tf.data.AUTOTUNE)
+        if noised_view:
+            lengths[_COMBINED_VIEW] = lengths.pop("inputs_noised")
+            lengths.pop("noise_labels")
+        ds = ds.map(encode, num_parallel_calls=tf.data.AUTOTUNE)
         ds = self._pack_or_pad(ds, lengths)
 
         def convert(features):
             model_features = self._convert_example(features)
-            combined = features[_COMBINED_VIEW]
-            model_features["encoder_input_tokens_noised"] = combined // LABEL_BASE
-            model_features["encoder_noise_labels"] = tf.maximum(combined % LABEL_BASE - 1, 0)
+            if noised_view:
+                combined = features[_COMBINED_VIEW]
+                model_features["encoder_input_tokens_noised"] = combined // LABEL_BASE
+                model_features["encoder_noise_labels"] = tf.maximum(combined % LABEL_BASE - 1, 0)
+            if pair_labels:
+                packed = features[PAIR_LABELS_TASK_FEATURE]
+                model_features[PAIR_LABELS_MODEL_FEATURE] = tf.where(
+                    packed > 0, packed - 1, NO_PAIR
+                )
             return model_features
 
         return ds.map(convert, num_parallel_calls=tf.data.AUTOTUNE)
@@ -119,6 +158,8 @@ class E2S2EncDecFeatureConverter(seqio.EncDecFeatureConverter):
         if self._noised_view_enabled or "inputs_noised" in task_feature_lengths:
             for key in NOISED_VIEW_MODEL_FEATURES:
                 lengths[key] = task_feature_lengths["inputs"]
+        if self._pair_labels_enabled or PAIR_LABELS_TASK_FEATURE in task_feature_lengths:
+            lengths[PAIR_LABELS_MODEL_FEATURE] = task_feature_lengths["inputs"]
         return lengths
 
 

@@ -12,6 +12,7 @@ import tensorflow as tf
 
 from e2s2_jax.data.e2s2_views import NOISE_LABELS_VOCABULARY, e2s2_views
 from e2s2_jax.data.encoder_views import add_encoder_view
+from e2s2_jax.data.same_document import PAIR_LABELS_FEATURE, without_pair
 from e2s2_jax.data.span_corruption import (
     FULL_RECONSTRUCTION,
     SPAN_TARGETS,
@@ -106,9 +107,10 @@ def split_documents(
 # Output features and the shared chain.
 # ---------------------------------------------------------------------------------------------
 def pretraining_output_features(
-    vocabulary: seqio.Vocabulary, with_noised_view: bool = False
+    vocabulary: seqio.Vocabulary, with_noised_view: bool = False, with_pair_labels: bool = False
 ) -> dict[str, seqio.Feature]:
-    """Returns the Task output features: inputs/targets, plus E2S2's view N and labels."""
+    """Returns the Task output features: inputs/targets, plus E2S2's view N and labels, plus
+    the same-document task's pair labels."""
     features = {
         "inputs": seqio.Feature(vocabulary=vocabulary, add_eos=True),
         "targets": seqio.Feature(vocabulary=vocabulary, add_eos=True),
@@ -116,6 +118,8 @@ def pretraining_output_features(
     if with_noised_view:
         features["inputs_noised"] = seqio.Feature(vocabulary=vocabulary, add_eos=True)
         features["noise_labels"] = seqio.Feature(vocabulary=NOISE_LABELS_VOCABULARY, add_eos=True)
+    if with_pair_labels:
+        features["pair_labels"] = PAIR_LABELS_FEATURE
     return features
 
 
@@ -131,7 +135,11 @@ OBJECTIVES = {
     "slm": (span_corruption, SPAN_TARGETS, "slm"),
     # Span corruption with an empty second-view slot: mixes with the objectives above.
     "span_corruption_no_view": (span_corruption, SPAN_TARGETS, "none"),
+    # Span corruption with pair labels NO_PAIR: mixes with the same-document task.
+    "span_corruption_no_pair": (span_corruption, SPAN_TARGETS, None),
 }
+# The objectives whose examples carry pair_labels (all NO_PAIR), added after the eos.
+OBJECTIVES_WITH_PAIR_LABELS = ("span_corruption_no_pair",)
 # The objectives that need options beyond the defaults (C-RTS: its cluster file), which the
 # bundled and C4 registrations therefore leave out (tasks/encoder_views.py registers them).
 OBJECTIVES_WITH_REQUIRED_OPTIONS = ("c_rts",)
@@ -158,7 +166,8 @@ def pretraining_preprocessors(
     """Returns the Task preprocessors: rekey text -> tokenize -> split -> objective -> eos.
 
     objective: one of OBJECTIVES ('span_corruption', 'full_reconstruction', 'e2s2',
-    'e2s2_full_reconstruction', 'rts', 'c_rts', 'slm', 'span_corruption_no_view').
+    'e2s2_full_reconstruction', 'rts', 'c_rts', 'slm', 'span_corruption_no_view',
+    'span_corruption_no_pair').
     documents_per_group: see split_documents (128 concatenates
     documents as T5 does, so examples are full; None keeps documents apart for packing).
     Extra keyword options go to the objective's preprocessor (e2s2: shuffle/replace ratios),
@@ -186,6 +195,8 @@ def pretraining_preprocessors(
     ]
     if view is not None:
         chain.append(functools.partial(add_encoder_view, view=view, **view_options))
+    if objective in OBJECTIVES_WITH_PAIR_LABELS:
+        chain.append(without_pair)
     return chain
 
 

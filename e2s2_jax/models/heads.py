@@ -1,5 +1,6 @@
 """Pretraining-only encoder heads: the per-position classifier (E2S2's 3-way denoising head,
-RTS's 2-way replaced-token head), SLM's vocabulary head, and E2S2's contrastive pooling.
+RTS's 2-way replaced-token head, the same-document pair classifier), SLM's vocabulary head, and
+E2S2's contrastive pooling.
 
 Heads are modules plugged into `T5(config, encoder_heads=(("denoise", DenoisingHead),))`: their
 parameters live under `head_<name>` and are dropped by fine-tuning and export. The contrastive
@@ -70,6 +71,17 @@ class RTSHead(DenoisingHead):
     """RTS / C-RTS's head: `DenoisingHead` with two classes, 0 original and 1 replaced."""
 
     num_classes: int = 2
+
+
+class SameDocumentHead(DenoisingHead):
+    """The same-document task's 3-way pair classifier (same paragraph, same document, different
+    document) on the mean-pooled encoder output of each packed example: per-position logits
+    `[batch, length, 3]` that the objective averages over each example's non-pad positions
+    (`segment_mean_pool`). A dense layer commutes with the mean, so this is the dense layer
+    (with bias) applied to the mean-pooled encoder output, with dropout at each position; the
+    pooling needs the batch's segment ids, which the model's head hook does not see."""
+
+    num_classes: int = 3
 
 
 @struct.dataclass
