@@ -2,6 +2,8 @@
 # e2s2-jax launcher.
 #   ./launch.sh demo    set up .venv (the pinned runtime requirements) and run the CPU demo
 #   ./launch.sh test    set up .venv (the pinned requirements + the test extra) and run the tests
+#   ./launch.sh compile ARGS   set up .venv with libtpu (the tpu extra) and run
+#                       `python -m e2s2_jax.main compile ARGS` (a train step compiled for a TPU)
 # Environment: PYTHON (interpreter for the venv, default python3.11), VENV (default .venv),
 # TEST_WORKERS (pytest-xdist workers, default 2).
 set -euo pipefail
@@ -14,7 +16,8 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 setup() {
   # Installs this checkout, editable, with pyproject.toml's pinned dependencies and the extras in
-  # $1 ("" for the demo, "test" for the tests; pyproject.toml is the one list of pins). Editable:
+  # $1 ("" for the demo, "test" for the tests, "tpu" for compile; pyproject.toml is the one list
+  # of pins, and the test extra includes the others). Editable:
   # the venv imports the work tree, as PYTHONPATH does, never a stale copy in site-packages.
   # (Re)installs only when pyproject.toml's [build-system], [project] or [tool.setuptools] table
   # changed since the last install, or the extras asked for are not installed yet (a venv set up
@@ -30,7 +33,7 @@ print(hashlib.sha256(json.dumps(pins, sort_keys=True).encode()).hexdigest())')
   local have have_extras
   read -r have have_extras 2>/dev/null < "$stamp" || true
   if [ -x "$VENV/bin/python" ] && [ "${have:-}" = "$want" ] &&
-     { [ -z "$extras" ] || [ "${have_extras:-}" = "$extras" ]; }; then
+     { [ -z "$extras" ] || [ "${have_extras:-}" = "$extras" ] || [ "${have_extras:-}" = test ]; }; then
     return
   fi
   echo "launch.sh: installing the pinned requirements${extras:+ and the $extras extra} into $VENV" \
@@ -57,7 +60,17 @@ keep_bytecode() {
   export PYTHONPYCACHEPREFIX
 }
 
+# CPU work: with libtpu installed (the tpu and test extras), JAX would otherwise try a TPU at
+# start-up and log its failure. compile needs no local accelerator either.
+export JAX_PLATFORMS=${JAX_PLATFORMS-cpu}
+
 case "${1:-}" in
+  compile)
+    setup tpu
+    keep_bytecode
+    shift
+    exec "$VENV/bin/python" -m e2s2_jax.main compile "$@"
+    ;;
   demo)
     setup ""
     keep_bytecode
@@ -75,7 +88,7 @@ case "${1:-}" in
     exec "$VENV/bin/python" -m pytest -q -n "${TEST_WORKERS:-2}" --dist loadfile "$@"
     ;;
   *)
-    sed -n '2,5p' "$0"
+    sed -n '2,8p' "$0"
     exit 2
     ;;
 esac

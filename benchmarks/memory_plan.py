@@ -60,6 +60,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from e2s2_jax.training import aot  # noqa: E402
+
 GiB = 1024**3
 BUDGETS = {"16GiB_tpu_v4": 16 * GiB, "80GiB_h100": 80 * GiB}
 # (model, (data, fsdp, model)). Params shard over fsdp (ZeRO-3); base and large stop at fsdp 8
@@ -239,19 +241,7 @@ class StepPlanner:
         )
         compiled = lowered.compile()
         seconds = time.perf_counter() - start
-        stats = compiled.memory_analysis()
-        result = {
-            "argument_bytes": int(stats.argument_size_in_bytes),
-            "output_bytes": int(stats.output_size_in_bytes),
-            "alias_bytes": int(stats.alias_size_in_bytes),
-            "temp_bytes": int(stats.temp_size_in_bytes),
-        }
-        result["total_bytes"] = (
-            result["argument_bytes"]
-            + result["output_bytes"]
-            - result["alias_bytes"]
-            + result["temp_bytes"]
-        )
+        result = aot.memory_summary(compiled)
         result["compile_seconds"] = round(seconds, 1)
         self._cache[batch_per_device] = result
         print(
@@ -273,35 +263,17 @@ class StepPlanner:
         `verified` is true when `max_batch` fits (or is 0) and `max_batch + 1` does not, both
         compiled; the search is described in the module docstring.
         """
-        fits_below, fails_at = 0, None
-        for batch, total in self.compiled_points():
-            if total <= budget_bytes:
-                fits_below = max(fits_below, batch)
-            elif fails_at is None or batch < fails_at:
-                fails_at = batch
-        compiles = 0
-        while (fails_at is None or fails_at > fits_below + 1) and compiles < max_compiles:
-            guess = self._linear_guess(budget_bytes)
-            low = fits_below + 1
-            high = fails_at - 1 if fails_at is not None else max(guess, low)
-            guess = min(max(guess, low), high)
-            compiles += 1
-            if self.memory(guess)["total_bytes"] <= budget_bytes:
-                fits_below = guess
-            else:
-                fails_at = guess
-        verified = fails_at == fits_below + 1
-        return {"max_batch": fits_below, "verified": verified, "first_too_large": fails_at}
-
-    def _linear_guess(self, budget_bytes: int) -> int:
-        """The batch where the line through the two compiled points nearest to the budget
-        reaches it (rounded down)."""
-        points = sorted(self.compiled_points(), key=lambda p: abs(p[1] - budget_bytes))[:2]
-        (b0, t0), (b1, t1) = sorted(points)
-        slope = (t1 - t0) / (b1 - b0)
-        if slope <= 0:
-            return b1 * 2
-        return int(math.floor(b0 + (budget_bytes - t0) / slope))
+        found = aot.largest_fitting(
+            lambda batch: self.memory(batch)["total_bytes"],
+            budget_bytes,
+            dict(self.compiled_points()),
+            max_compiles,
+        )
+        return {
+            "max_batch": found["units"],
+            "verified": found["verified"],
+            "first_too_large": found["first_too_large"],
+        }
 
 
 def plan_row(

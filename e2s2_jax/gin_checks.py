@@ -41,6 +41,11 @@ INTEGER_SETTINGS = {
         ("probe", "max_test_examples", 0),
     ),
     "ssr-generate": (),
+    "compile": (
+        ("train", "train_steps", 1),
+        ("train", "batch_size", 1),
+        ("train", "num_microbatches", 1),
+    ),
     "score-tokens": (
         ("score_tokens", "batch_size", 1),
         ("score_tokens", "examples_per_chunk", 1),

@@ -9,6 +9,8 @@
     python -m e2s2_jax.main probe ... (`gin/runs/probe.gin`; a linear probe of the encoder)
     python -m e2s2_jax.main ssr-generate ... (`gin/runs/ssr_generate.gin`; SSR's generation job)
     python -m e2s2_jax.main score-tokens ... (`gin/runs/score_tokens.gin`; token informativeness)
+    python -m e2s2_jax.main compile ... --topology=v4-128 (train's Gin files; the train step
+        compiled ahead of time for a TPU slice: per-chip memory, the largest batch that fits)
     python -m e2s2_jax.main convert {import,export} ...   (Hugging Face <-> params; see --help)
     python -m e2s2_jax.main clusters ...  (C-RTS's token -> cluster table; see --help)
 
@@ -21,6 +23,7 @@ working directory), `--gin.NAME=VALUE` (a binding or macro, e.g. `--gin.train.ba
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import re
@@ -48,6 +51,7 @@ from e2s2_jax.interop import hf  # noqa: E402
 from e2s2_jax.probe import probe  # noqa: E402
 from e2s2_jax.self_evolution.job import score_tokens  # noqa: E402
 from e2s2_jax.ssr.job import ssr_generate  # noqa: E402
+from e2s2_jax.training import aot  # noqa: E402
 from e2s2_jax.training.trainer import train  # noqa: E402
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -59,7 +63,11 @@ REQUIRED_MACROS = {
     "probe": ("MODEL_DIR", "MIXTURE_OR_TASK_NAME", "TASK_FEATURE_LENGTHS"),
     "ssr-generate": (),  # its Gin file marks its own macros %gin.REQUIRED
     "score-tokens": (),  # likewise
+    # train's Gin files; MODEL_DIR and MIXTURE_OR_TASK_NAME are not read (`COMPILE_DEFAULTS`).
+    "compile": ("TASK_FEATURE_LENGTHS", "TRAIN_STEPS"),
 }
+# Bound before the command line's bindings (which override them): what compile never reads.
+COMPILE_DEFAULTS = ('MODEL_DIR = "unused by compile"', 'MIXTURE_OR_TASK_NAME = "unused by compile"')
 # The job each mode runs: Gin configurables (`train.batch_size = ...` in gin/runs/*.gin).
 JOBS = {
     "train": train,
@@ -88,7 +96,7 @@ def parse_flags(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("mode", choices=tuple(JOBS))
+    parser.add_argument("mode", choices=(*JOBS, "compile"))
     parser.add_argument("--gin_file", action="append", default=[])
     parser.add_argument("--gin_bindings", action="append", default=[])
     parser.add_argument(
@@ -104,8 +112,31 @@ def parse_flags(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
         action="store_true",
         help="call jax.distributed.initialize() with no arguments (TPU VM pods)",
     )
+    compile_flags = parser.add_argument_group("compile (ahead of time, no data or weights)")
+    compile_flags.add_argument(
+        "--topology",
+        help="a TPU slice (v4-128, v5e-256, v5p-64, or v4:4x4x4), or cpu:N for N simulated "
+        "CPU devices",
+    )
+    compile_flags.add_argument(
+        "--batch_per_host", type=int, help="rows per host process (default: train.batch_size)"
+    )
+    compile_flags.add_argument(
+        "--hbm_gib", type=float, help="memory per device to fit in (default: the chip's HBM)"
+    )
+    compile_flags.add_argument(
+        "--no_search",
+        dest="search",
+        action="store_false",
+        help="skip the search for the largest batch that fits",
+    )
+    compile_flags.add_argument("--dump_hlo", help="directory for the optimized HLO text")
+    compile_flags.add_argument("--json", help="also write the report to this JSON file")
     args = parser.parse_args(rest)
-    return args, [*args.gin_bindings, *bindings]
+    if args.mode == "compile" and not args.topology:
+        parser.error("compile needs --topology (e.g. --topology=v4-8, or cpu:8)")
+    defaults = list(COMPILE_DEFAULTS) if args.mode == "compile" else []
+    return args, [*defaults, *args.gin_bindings, *bindings]
 
 
 def _resolve_gin_file(name: str, search_paths: Sequence[str]) -> str:
@@ -212,6 +243,33 @@ def initialize_distributed(args: argparse.Namespace) -> None:
         jax.distributed.initialize()
 
 
+def simulate_cpu_devices(topology: str) -> None:
+    """For `--topology=cpu:N`: asks XLA for N host devices (before JAX starts its backend)."""
+    name, _, count = topology.partition(":")
+    if name == "cpu" and count:
+        if not count.isdigit():
+            raise ConfigError(f"--topology={topology}: use cpu:N with N a device count.")
+        flags = os.environ.get("XLA_FLAGS", "")
+        if "xla_force_host_platform_device_count" not in flags:
+            os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}"
+
+
+def run_compile(args: argparse.Namespace) -> None:
+    """`compile`: the train step compiled for `--topology`, reported on stdout."""
+    report = aot.compile_train(
+        args.topology,
+        batch_per_host=args.batch_per_host,
+        hbm_gib=args.hbm_gib,
+        search=args.search,
+        dump_hlo=args.dump_hlo,
+        progress=lambda line: console.info(f"[compile] {line}"),
+    )
+    print("\n".join(aot.report_lines(report)), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+
+
 def _without_gin_call_notes(error: Exception) -> str:
     """The message without the `In call to configurable ...` lines Gin appends on the way up
     (the message names the binding already)."""
@@ -229,6 +287,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return token_clusters.main(argv[1:])
     args, bindings = parse_flags(argv)
     try:
+        if args.mode == "compile":
+            simulate_cpu_devices(args.topology)
         initialize_distributed(args)  # before anything touches a JAX backend
         parse_gin(args.mode, args.gin_file, bindings, args.gin_search_paths)
         unused = gin_checks.check_macros(bindings)
@@ -246,7 +306,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "score_tokens": score_tokens,
             },
         )
-        JOBS[args.mode]()
+        if args.mode == "compile":
+            run_compile(args)
+        else:
+            JOBS[args.mode]()
     except (ConfigError, CheckpointError) as error:
         # The exit reason is the command's result, not a log line (`console`): printed on
         # stderr by every process, since a process's bad input or damaged file is its own.

@@ -274,13 +274,18 @@ def check_batch_divisible(
 
 
 def job_mesh(
-    job: str, mesh_shape: Sequence[int], batch_size: int | None = None, num_microbatches: int = 1
+    job: str,
+    mesh_shape: Sequence[int],
+    batch_size: int | None = None,
+    num_microbatches: int = 1,
+    devices: Sequence[jax.Device] | None = None,
 ) -> Mesh:
-    """The mesh of Gin setting `{job}.mesh_shape` (`create_mesh`'s sizes), for a job that uses
-    `LOGICAL_AXIS_RULES`; given `batch_size` (`{job}.batch_size`), checks the mesh splits it.
-    Raises ConfigError naming the setting when either does not fit."""
+    """The mesh of Gin setting `{job}.mesh_shape` (`create_mesh`'s sizes) over `devices` (all
+    of JAX's by default), for a job that uses `LOGICAL_AXIS_RULES`; given `batch_size`
+    (`{job}.batch_size`), checks the mesh splits it. Raises ConfigError naming the setting when
+    either does not fit."""
     try:
-        mesh = create_mesh(*mesh_shape)
+        mesh = create_mesh(*mesh_shape, devices=devices)
     except ValueError as error:
         raise ConfigError(f"{job}.mesh_shape={tuple(mesh_shape)}: {error}") from error
     if batch_size is not None:
