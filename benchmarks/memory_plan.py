@@ -91,29 +91,16 @@ FEATURES = (
     "decoder_loss_weights",
     "decoder_segment_ids",
 )
-# Faster CPU compiles: these only change LLVM's optimisation of the generated machine code, after
-# buffer assignment; the memory figures are identical with and without them (checked on large,
-# 8x8x1) and the executables are never run.
-FAST_COMPILE_FLAGS = (
-    "--xla_backend_optimization_level=0",
-    "--xla_llvm_disable_expensive_passes=true",
-)
 
 
 def ensure_host_devices(count: int) -> None:
     """Asks XLA's CPU backend for `count` devices (unless XLA_FLAGS already names a count) and
-    adds `FAST_COMPILE_FLAGS` not already set.
+    adds `aot.FAST_CPU_COMPILE_FLAGS` not already set.
 
     Must run before JAX creates its backend (the first `jax.devices()`); raises RuntimeError when
     fewer devices are visible afterwards.
     """
-    flags = os.environ.get("XLA_FLAGS", "").split()
-    if not any("xla_force_host_platform_device_count" in flag for flag in flags):
-        flags.append(f"--xla_force_host_platform_device_count={count}")
-    for flag in FAST_COMPILE_FLAGS:
-        if not any(flag.split("=")[0] in existing for existing in flags):
-            flags.append(flag)
-    os.environ["XLA_FLAGS"] = " ".join(flags)
+    aot.request_cpu_devices(count)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     if jax.device_count() < count:
         raise RuntimeError(

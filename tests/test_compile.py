@@ -211,3 +211,28 @@ def test_e2s2_negatives_are_gathered_across_hosts(tmp_path, per_shard_negatives)
     # Global negatives: every chip needs every example's embedding, from all 4 hosts; with a
     # group per chip (per_shard_negatives=16) each chip's negatives are its own.
     assert bool(gathers) == (per_shard_negatives is None), gathers
+
+
+def test_simulated_cpu_devices_shard_the_state_over_fsdp(tmp_path):
+    # --topology=cpu:8 (XLA:CPU on 8 simulated devices, the CPU estimate's backend): with
+    # fsdp 4 each device holds a quarter of the float32 params and a quarter of Adafactor's
+    # second moments (the tiny model's matrices are below 128 in a dim, so unfactored: as large
+    # as the params), plus its 2 rows: just over half the params' bytes. Unsharded it would be
+    # twice the params.
+    result = _compile(
+        tmp_path,
+        *RUN,
+        "--gin.BATCH_SIZE=16",
+        "--gin.train.mesh_shape=(-1, 4, 1)",
+        "--topology=cpu:8",
+        "--no_search",
+        f"--json={tmp_path / 'report.json'}",
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["devices"] == 8 and report["mesh"] == {"data": 2, "fsdp": 4, "model": 1}
+    params = 4 * _tiny_parameters()
+    assert params / 2 < report["argument_bytes"] < 0.55 * params
+    buffers = report["argument_bytes"] + report["output_bytes"] - report["alias_bytes"]
+    assert report["total_bytes"] == buffers + report["temp_bytes"] > report["peak_bytes"]
+    assert report["hbm_bytes"] is None and "give --hbm_gib" in result.stdout

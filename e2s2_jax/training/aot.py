@@ -49,6 +49,29 @@ HBM_BYTES = {
     "TPU v6 lite": 32 * GiB,  # v6e (Trillium)
 }
 
+# Faster XLA:CPU compiles (`--topology=cpu:N`, benchmarks/memory_plan.py): these only change
+# LLVM's optimisation of the generated machine code, after buffer assignment; the memory
+# figures are identical with and without them (checked on large, 8x8x1) and a compile-only
+# executable is never run.
+FAST_CPU_COMPILE_FLAGS = (
+    "--xla_backend_optimization_level=0",
+    "--xla_llvm_disable_expensive_passes=true",
+)
+
+
+def request_cpu_devices(count: int) -> None:
+    """Adds `--xla_force_host_platform_device_count=count` (unless XLA_FLAGS names a count
+    already) and `FAST_CPU_COMPILE_FLAGS` not already set to XLA_FLAGS. XLA reads them when
+    JAX creates its CPU backend (the first `jax.devices()`): call before that."""
+    flags = os.environ.get("XLA_FLAGS", "").split()
+    if not any("xla_force_host_platform_device_count" in flag for flag in flags):
+        flags.append(f"--xla_force_host_platform_device_count={count}")
+    for flag in FAST_CPU_COMPILE_FLAGS:
+        if not any(flag.split("=")[0] in existing for existing in flags):
+            flags.append(flag)
+    os.environ["XLA_FLAGS"] = " ".join(flags)
+
+
 # Cloud TPU accelerator types -> the compile-only topology name. v4 and v5p count TensorCores
 # (two per chip, 3-D torus of chips); v5e and v6e count chips (2-D).
 _TORUS_3D = {
@@ -121,6 +144,10 @@ def tpu_devices(spec: str) -> list[jax.Device]:
         ("TPU_ACCELERATOR_TYPE", "v4-8"),
         ("TPU_WORKER_HOSTNAMES", "localhost"),
         ("TPU_WORKER_ID", "0"),
+        # libtpu takes /tmp/libtpu_lockfile so that two processes never open one TPU; a
+        # compile-only client opens none, and two compiles (or a compile beside a run on a
+        # TPU VM) may share the machine.
+        ("ALLOW_MULTIPLE_LIBTPU_LOAD", "1"),
     ):
         os.environ.setdefault(variable, value)
     from jax.experimental import topologies

@@ -1,0 +1,196 @@
+"""Per-chip memory of T5 1.1 train steps on TPU slices, from libtpu's compiler (compile-only);
+prints JSON. The table behind RESULTS.md's "TPU memory plan".
+
+Each case is one `python -m e2s2_jax.main compile` run (a subprocess: a fresh Gin config and
+compiler per case) with the project's own Gin files: the model, `gin/runs/pretrain.gin`
+(Adafactor, rsqrt schedule), an objective, bfloat16 activations, scanned layers, a remat
+policy, inputs 512 / targets 114. Each report is kept in `--out_dir` as `<case>.json`, and a
+case whose report is there is not compiled again: an interrupted plan resumes.
+`--backend cpu` compiles the same cases on as many simulated CPU devices (XLA:CPU's buffer
+assignment, the estimate `benchmarks/memory_plan.py` gives), for the comparison.
+
+    python benchmarks/tpu_plan.py                      # every case, TPU
+    python benchmarks/tpu_plan.py --case base_e2s2_v5e-256 --backend cpu
+
+Compile-only: no step time, and the TPU runtime's own reservations are not included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OBJECTIVES = {
+    "span_corruption": [],
+    "e2s2": ["--gin_file=gin/objectives/e2s2.gin"],
+    "surface_fusion": ["--gin_file=gin/models/surface_fusion.gin"],
+}
+DEVICES = {"v5e-256": 256, "v5p-128": 64, "v4-64": 64, "v4-8": 8, "v5e-16": 16}
+
+
+def case(model, objective, topology, mesh, batch, remat="full", search=False):
+    return {
+        "name": f"{model}_{objective}_{topology}" + ("" if remat == "full" else f"_{remat}"),
+        "model": model,
+        "objective": objective,
+        "topology": topology,
+        "mesh_shape": mesh,
+        "batch_size": batch,
+        "remat_policy": remat,
+        "search": search,
+    }
+
+
+# In the order they run: the README's launch example first (base, v5e-256, global batch 2048,
+# the three objectives; the largest-batch search for span corruption), then larger models at
+# one batch each. A base compile takes 5-6 minutes on 2 busy cores, and a search 5-6 compiles.
+CASES = [
+    case("base", "span_corruption", "v5e-256", (-1, 8, 1), 2048, search=True),
+    case("base", "e2s2", "v5e-256", (-1, 8, 1), 2048),
+    case("base", "surface_fusion", "v5e-256", (-1, 8, 1), 2048),
+    case("large", "span_corruption", "v5e-256", (-1, 8, 1), 2048),
+    case("large", "e2s2", "v5e-256", (-1, 8, 1), 2048),
+    case("xl", "span_corruption", "v5p-128", (-1, 64, 1), 1024),
+    case("xl", "e2s2", "v5p-128", (-1, 64, 1), 1024),
+    case("xxl", "span_corruption", "v5p-128", (-1, 16, 4), 512),
+    # Remat: at 8 rows per chip `full` leaves most of the HBM unused; no remat (no recompute
+    # in the backward pass) is the faster step if it fits.
+    case("base", "e2s2", "v5e-256", (-1, 8, 1), 2048, remat="none"),
+    case("base", "span_corruption", "v5e-256", (-1, 8, 1), 2048, remat="none"),
+    case("base", "surface_fusion", "v5e-256", (-1, 8, 1), 2048, remat="none"),
+    case("base", "span_corruption", "v4-8", (-1, 8, 1), 128, search=True),
+]
+
+
+def command(spec: dict, backend: str, json_path: str) -> list[str]:
+    topology = spec["topology"] if backend == "tpu" else f"cpu:{DEVICES[spec['topology']]}"
+    return [
+        sys.executable,
+        "-m",
+        "e2s2_jax.main",
+        "compile",
+        f"--gin_file=gin/models/t5_1_1_{spec['model']}.gin",
+        "--gin_file=gin/runs/pretrain.gin",
+        *OBJECTIVES[spec["objective"]],
+        "--gin.TASK_FEATURE_LENGTHS={'inputs': 512, 'targets': 114}",
+        "--gin.TRAIN_STEPS=524288",
+        f"--gin.BATCH_SIZE={spec['batch_size']}",
+        '--gin.ACTIVATION_DTYPE="bfloat16"',
+        "--gin.SCAN_LAYERS=True",
+        f'--gin.REMAT_POLICY="{spec["remat_policy"]}"',
+        f"--gin.train.mesh_shape={tuple(spec['mesh_shape'])}",
+        f"--topology={topology}",
+        f"--json={json_path}",
+        *([] if spec["search"] else ["--no_search"]),
+        # The TPU budget for the CPU estimate's search: the same chip's HBM.
+        *(["--hbm_gib=16" if "v5e" in spec["topology"] or "v4" in spec["topology"] else
+           "--hbm_gib=95"] if backend == "cpu" else []),
+    ]  # fmt: skip
+
+
+def markdown_rows(out_dir: str) -> str:
+    """One table row per case with a TPU report in `out_dir`; the CPU estimate beside it where
+    that report exists too."""
+    gib = lambda count: f"{count / 2**30:.2f}"
+    lines = []
+    for spec in CASES:
+        reports = {}
+        for backend in ("tpu", "cpu"):
+            path = os.path.join(out_dir, f"{spec['name']}.{backend}.json")
+            if os.path.exists(path):
+                with open(path) as f:
+                    reports[backend] = json.load(f)
+        if "tpu" not in reports:
+            continue
+        tpu = reports["tpu"]
+        largest = tpu.get("largest_batch")
+        best = (
+            f"{largest['global_batch']} ({largest['global_batch'] // tpu['devices']} per chip)"
+            if largest and largest["verified"]
+            else "-"
+        )
+        cpu = reports.get("cpu")
+        estimate = (
+            f"{gib(cpu['total_bytes'])} ({cpu['total_bytes'] / tpu['total_bytes']:.2f}x)"
+            if cpu
+            else "-"
+        )
+        mesh = "x".join(str(size) for size in tpu["mesh"].values())
+        lines.append(
+            f"| {spec['model']} | {spec['objective']} | {spec['topology']} "
+            f"({tpu['device_kind']}, {tpu['processes']} hosts) | {mesh} | "
+            f"{spec['remat_policy']} | {tpu['global_batch']} ({tpu['rows_per_device']:g}) | "
+            f"{gib(tpu['argument_bytes'])} | {gib(tpu['temp_bytes'])} | "
+            f"{gib(tpu['peak_bytes'])} | **{gib(tpu['total_bytes'])}** / "
+            f"{gib(tpu['hbm_bytes'])} | {'yes' if tpu['fits'] else 'no'} | {best} | "
+            f"{tpu['compile_seconds']:.0f} | {estimate} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--backend", choices=("tpu", "cpu"), default="tpu")
+    parser.add_argument("--case", action="append", help="run only these case names")
+    parser.add_argument("--out_dir", default=os.path.join(REPO_ROOT, "benchmarks", "tpu_plan"))
+    parser.add_argument(
+        "--markdown",
+        action="store_true",
+        help="compile nothing: print RESULTS.md's table rows of the reports in --out_dir",
+    )
+    args = parser.parse_args(argv)
+    if args.markdown:
+        print(markdown_rows(args.out_dir))
+        return
+    cases = [c for c in CASES if not args.case or c["name"] in args.case]
+    os.makedirs(args.out_dir, exist_ok=True)
+    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
+    env["PYTHONPATH"] = REPO_ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    rows = []
+    for spec in cases:
+        path = os.path.join(args.out_dir, f"{spec['name']}.{args.backend}.json")
+        if not os.path.exists(path):
+            print(f"[tpu_plan] {spec['name']} ({args.backend}) ...", file=sys.stderr, flush=True)
+            start = time.perf_counter()
+            result = subprocess.run(
+                command(spec, args.backend, path + ".partial"),
+                cwd=REPO_ROOT,
+                env=env,
+                capture_output=True,
+                text=True,
+            )
+            if result.returncode != 0:
+                print(
+                    f"[tpu_plan] {spec['name']} failed:\n{result.stderr[-3000:]}", file=sys.stderr
+                )
+                continue
+            os.replace(path + ".partial", path)
+            print(
+                f"[tpu_plan] {spec['name']}: {time.perf_counter() - start:.0f} s\n" + result.stdout,
+                file=sys.stderr,
+                flush=True,
+            )
+        with open(path) as f:
+            rows.append({**spec, "report": json.load(f)})
+    print(
+        json.dumps(
+            {
+                "backend": args.backend,
+                "rows": rows,
+                "cpu_count": os.cpu_count(),
+                "python": platform.python_version(),
+                "date": time.strftime("%Y-%m-%d"),
+            },
+            indent=1,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
