@@ -111,7 +111,7 @@ def markdown_rows(out_dir: str) -> str:
         tpu = reports["tpu"]
         largest = tpu.get("largest_batch")
         best = (
-            f"{largest['global_batch']} ({largest['global_batch'] // tpu['devices']} per chip)"
+            f"{largest['global_batch']} ({largest['global_batch'] // tpu['devices']} per device)"
             if largest and largest["verified"]
             else "-"
         )
