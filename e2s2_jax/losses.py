@@ -143,26 +143,29 @@ def rectified_cross_entropy_with_logits(
     weights: Array | None,
     *,
     rectified_label_smoothing: float,
+    reference_logits: Array,
     z_loss: float = 0.0,
-    reference_logits: Array | None = None,
 ) -> tuple[Array, Array, Array]:
     """Weighted token cross-entropy against rectified smooth labels (self-evolution learning's
-    token-specific label smoothing, the Vega v2 report): per token, with `a =
-    rectified_label_smoothing`, `y` the one-hot target and `q = stop_gradient(softmax(
-    reference_logits))` (the model's own prediction; `reference_logits` defaults to `logits`),
-    the target distribution is `t = (1 - a) * y + a * q` and the token loss is
-    `-sum_v t[v] * log_softmax(logits)[v] - H(t) + z_loss * log(Z)**2`, i.e. `KL(t || p)` plus
-    the z-loss: as t5x's smoothing, a prediction equal to the target costs 0.
+    token-specific label smoothing, Zhong et al. 2023, and the Vega v2 report): per token, with
+    `a = rectified_label_smoothing`, `y` the one-hot target and `q = stop_gradient(softmax(
+    reference_logits))`, the target distribution is `t = (1 - a) * y + a * q` and the token
+    loss is `-sum_v t[v] * log_softmax(logits)[v] - H(t) + z_loss * log(Z)**2`, i.e.
+    `KL(t || p)` plus the z-loss: as t5x's smoothing, a prediction equal to the target costs 0
+    (the authors' criterion leaves out `- H(t)`, a constant: same gradient).
 
-    Gradient wrt the logits: `softmax - (1 - a) * y - a * q` (+ the z-loss's). With `q` from the
-    same logits this is `(1 - a) * (softmax - y)`: the hard-label gradient scaled down per
-    token, without the uniform smoothing's pull of every wrong token's logit upwards.
+    `reference_logits` is the model's prediction from another pass: in the authors' code
+    (and `objectives.reference_logits`) the same model without dropout on the uncorrupted
+    input. Gradient wrt the logits: `softmax - (1 - a) * y - a * q` (+ the z-loss's). Were `q`
+    taken from `logits` themselves, the gradient would collapse to `(1 - a) * (softmax - y)`,
+    the hard-label gradient scaled down: hence the separate pass.
 
     Returns `(loss_sum, z_loss_sum, weight_sum)` as `cross_entropy_with_logits`.
     """
     logits = logits.astype(jnp.float32)
-    reference = logits if reference_logits is None else reference_logits.astype(jnp.float32)
-    reference_probs = jax.lax.stop_gradient(jax.nn.softmax(reference, axis=-1))
+    reference_probs = jax.lax.stop_gradient(
+        jax.nn.softmax(reference_logits.astype(jnp.float32), axis=-1)
+    )
     log_z = jax.nn.logsumexp(logits, axis=-1)
     log_softmax = logits - log_z[..., None]
     one_hot = jax.nn.one_hot(targets.astype(jnp.int32), logits.shape[-1], dtype=jnp.float32)

@@ -117,6 +117,7 @@ def decoder_nll(
     z_loss: float,
     label_smoothing: float,
     rectified_label_smoothing: float = 0.0,
+    reference_logits: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """`(loss_sum, z_loss_sum, weight_sum)` of the decoder's outputs against `targets`.
 
@@ -125,8 +126,8 @@ def decoder_nll(
     (`losses.cross_entropy_with_logits`). SurfaceFusion "hard"/"gate" scores
     (`fusion.scores_used_as_is`): minus the score at the target, as is, with fairseq's label
     smoothing and no z-loss (`losses.label_smoothed_nll`; METHODS.md section 3). With
-    `rectified_label_smoothing` > 0, smoothing towards the model's own detached prediction
-    instead (`losses.rectified_cross_entropy_with_logits`).
+    `rectified_label_smoothing` > 0, smoothing towards the detached prediction
+    `reference_logits` instead (`losses.rectified_cross_entropy_with_logits`).
     """
     if rectified_label_smoothing:
         return losses.rectified_cross_entropy_with_logits(
@@ -135,12 +136,44 @@ def decoder_nll(
             weights,
             rectified_label_smoothing=rectified_label_smoothing,
             z_loss=z_loss,
+            reference_logits=reference_logits,
         )
     if fusion.scores_used_as_is(model):
         return losses.label_smoothed_nll(outputs, targets, weights, label_smoothing=label_smoothing)
     return losses.cross_entropy_with_logits(
         outputs, targets, weights, z_loss=z_loss, label_smoothing=label_smoothing
     )
+
+
+# The self-evolution task's uncorrupted inputs (`E2S2EncDecFeatureConverter`'s reference feature).
+REFERENCE_TOKENS = "reference_encoder_input_tokens"
+REFERENCE_SEGMENT_IDS = "reference_encoder_segment_ids"
+
+
+def reference_logits(model: nn.Module, params: PyTree, batch: Batch) -> jax.Array:
+    """Rectified label smoothing's reference prediction, detached: the model without dropout on
+    the example's text before corruption (`reference_encoder_input_tokens`, from the
+    self-evolution task) with the batch's decoder inputs. This is the authors' reference pass
+    (SE4PLMs, `fairseq-self_evolution/criterions/cross_entropy.py`: `model.eval()` under
+    `torch.no_grad()` on `net_input_ref`, which `data/mask_tokens_dataset.py` fills with the
+    unmasked sentence), moved to the encoder-decoder: every target token is visible in the
+    reference input, as the masked token is in RoBERTa's."""
+    if REFERENCE_TOKENS not in batch:
+        raise ConfigError(
+            "Seq2SeqObjective.rectified_label_smoothing > 0 needs the uncorrupted inputs "
+            f"('{REFERENCE_TOKENS}') in the batch: train on "
+            "self_evolution_task (gin/objectives/self_evolution.gin), or set it to 0."
+        )
+    reference_batch = {
+        "encoder_input_tokens": batch[REFERENCE_TOKENS],
+        "decoder_input_tokens": batch["decoder_input_tokens"],
+        "decoder_target_tokens": batch["decoder_target_tokens"],
+    }
+    if "decoder_segment_ids" in batch:
+        reference_batch["decoder_segment_ids"] = batch["decoder_segment_ids"]
+        reference_batch["encoder_segment_ids"] = batch[REFERENCE_SEGMENT_IDS]
+    logits, _ = apply_seq2seq(model, params, reference_batch, None)
+    return jax.lax.stop_gradient(logits)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,7 +185,8 @@ class Seq2SeqObjective:
     label smoothing and no z-loss (`decoder_nll`); `cross_entropy` then reports that NLL.
 
     `rectified_label_smoothing` (self-evolution learning; off at 0): smooth towards the model's
-    own detached prediction instead of the uniform distribution
+    own detached prediction on the uncorrupted text (`reference_logits`, one more forward pass
+    without dropout) instead of the uniform distribution
     (`losses.rectified_cross_entropy_with_logits`; `gin/objectives/self_evolution.gin`).
 
     Metrics: `loss` (cross-entropy + z-loss, the optimised value), `cross_entropy`, `z_loss`,
@@ -190,6 +224,9 @@ class Seq2SeqObjective:
             z_loss=self.z_loss,
             label_smoothing=self.label_smoothing,
             rectified_label_smoothing=self.rectified_label_smoothing,
+            reference_logits=(
+                reference_logits(model, params, batch) if self.rectified_label_smoothing else None
+            ),
         )
         denominator = safe_denominator(normalizers["weight_sum"])
         loss = loss_sum / denominator

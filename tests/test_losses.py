@@ -187,12 +187,12 @@ def test_masked_mean():
     np.testing.assert_allclose(masked_mean(values, jnp.ones((3,)), axis=0), [2.5, 3.5, 4.5])
 
 
-def reference_rectified(logits, targets, weights, smoothing, z_loss, reference_logits=None):
+def reference_rectified(logits, targets, weights, smoothing, z_loss, reference_logits):
     """Rectified label smoothing in float64 NumPy: the loss `KL(t || p) + z_loss log(Z)^2` with
     `t = (1 - a) y + a q`, `q = softmax(reference_logits)` held constant, and its closed-form
     gradient wrt the logits, `weights * (p - t + 2 z_loss log(Z) p)`."""
     logits = logits.astype(np.float64)
-    reference = logits if reference_logits is None else reference_logits.astype(np.float64)
+    reference = reference_logits.astype(np.float64)
 
     def log_softmax(x):
         top = x.max(-1, keepdims=True)
@@ -231,16 +231,16 @@ def test_rectified_label_smoothing_value_and_gradient_match_numpy(
     reference_logits = (rng.normal(size=(3, 5, 11)) * 2).astype(np.float32)
     targets = rng.integers(0, 11, size=(3, 5)).astype(np.int32)
     weights = (rng.random((3, 5)) > 0.3).astype(np.float32)
-    ref = jnp.asarray(reference_logits) if separate_reference else None
 
     def loss(lg):
+        # The reference is another pass's logits, or (the degenerate case) these very logits.
         return rectified_cross_entropy_with_logits(
             lg,
             jnp.asarray(targets),
             jnp.asarray(weights),
             rectified_label_smoothing=smoothing,
             z_loss=z_loss,
-            reference_logits=ref,
+            reference_logits=jnp.asarray(reference_logits) if separate_reference else lg,
         )
 
     loss_sum, z_sum, weight_sum = loss(jnp.asarray(logits))
@@ -251,7 +251,7 @@ def test_rectified_label_smoothing_value_and_gradient_match_numpy(
         weights.astype(np.float64),
         smoothing,
         z_loss,
-        reference_logits if separate_reference else None,
+        reference_logits if separate_reference else logits,
     )
     eps32 = np.finfo(np.float32).eps
     magnitude = (weights * np.abs(logits).max(-1) * 2 + weights * (1 + z_loss * 100)).sum()
@@ -260,7 +260,8 @@ def test_rectified_label_smoothing_value_and_gradient_match_numpy(
     assert float(weight_sum) == weights.sum()
     assert_close_to_scale(grad, want_grad, ulps=8)
     if not separate_reference and z_loss == 0:
-        # Own prediction: the hard-label gradient scaled by (1 - a), unlike uniform smoothing.
+        # The same pass's prediction: the hard-label gradient scaled by (1 - a), unlike uniform
+        # smoothing; which is why the objective takes the reference from another pass.
         hard = jax.grad(
             lambda lg: cross_entropy_with_logits(lg, jnp.asarray(targets), jnp.asarray(weights))[0]
         )(jnp.asarray(logits))
@@ -281,7 +282,7 @@ def test_rectified_label_smoothing_off_is_the_plain_loss_and_bad_values_stop():
     logits = jnp.asarray(rng.normal(size=(2, 4, 7)), jnp.float32)
     targets = jnp.asarray(rng.integers(0, 7, size=(2, 4)), jnp.int32)
     rectified = rectified_cross_entropy_with_logits(
-        logits, targets, None, rectified_label_smoothing=0.0, z_loss=1e-4
+        logits, targets, None, rectified_label_smoothing=0.0, z_loss=1e-4, reference_logits=-logits
     )
     plain = cross_entropy_with_logits(logits, targets, None, z_loss=1e-4)
     assert_close_to_scale(np.asarray(rectified), np.asarray(plain), ulps=16)

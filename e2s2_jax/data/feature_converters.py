@@ -1,6 +1,6 @@
 """Encoder-decoder feature converter (SeqIO) that packs E2S2's second view and noise labels, and
-the same-document task's pair labels, aligned with the encoder inputs, and a packing-efficiency
-measure for benchmarks."""
+the same-document task's pair labels, aligned with the encoder inputs, and self-evolution's
+uncorrupted inputs, in step with them; and a packing-efficiency measure for benchmarks."""
 
 from __future__ import annotations
 
@@ -19,6 +19,24 @@ NOISED_VIEW_MODEL_FEATURES = ("encoder_input_tokens_noised", "encoder_noise_labe
 _COMBINED_VIEW = "inputs_noised_and_labels"
 PAIR_LABELS_TASK_FEATURE = "pair_labels"
 PAIR_LABELS_MODEL_FEATURE = "encoder_pair_labels"
+# Self-evolution learning's reference input: the example's text before corruption (its own
+# length; with packing its own segment ids, numbered as the inputs' are).
+REFERENCE_TASK_FEATURE = "reference_inputs"
+REFERENCE_MODEL_FEATURE = "reference_encoder_input_tokens"
+REFERENCE_SEGMENT_IDS = "reference_encoder_segment_ids"
+
+
+def _feature_switch(setting: bool | None, option: str, feature: str, present, task: str) -> bool:
+    """Whether the converter carries the optional task `feature`: `setting` (its `option`), or
+    None to follow the dataset (`present`: its features); True on a dataset without it stops
+    with the fix."""
+    if setting is None:
+        return feature in present
+    if setting and feature not in present:
+        raise ValueError(
+            f"{option}=True but the dataset has no '{feature}': use {task} or {option}=False."
+        )
+    return bool(setting)
 
 
 class E2S2EncDecFeatureConverter(seqio.EncDecFeatureConverter):
@@ -36,6 +54,13 @@ class E2S2EncDecFeatureConverter(seqio.EncDecFeatureConverter):
     `with_pair_labels` (the same-document task and what mixes with it): likewise for the task's
     `pair_labels`, which becomes encoder_pair_labels (view_labels' pair classes; NO_PAIR at
     padding and in rows without a pair).
+
+    `with_reference_inputs` (the self-evolution task): likewise for the task's
+    `reference_inputs` (the uncorrupted text), which becomes reference_encoder_input_tokens,
+    and with packing reference_encoder_segment_ids, segment k of a row being the same example
+    as the inputs' segment k. Its length defaults to inputs + targets, which holds any span
+    corruption's source (a corrupted example keeps every source token in one of the two, plus
+    its sentinels and the two eos).
     """
 
     def __init__(
@@ -43,14 +68,18 @@ class E2S2EncDecFeatureConverter(seqio.EncDecFeatureConverter):
         *args,
         with_noised_view: bool | None = None,
         with_pair_labels: bool | None = None,
+        with_reference_inputs: bool | None = None,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
         self._with_noised_view = with_noised_view
         self._with_pair_labels = with_pair_labels
-        self._set_features(bool(with_noised_view), bool(with_pair_labels))
+        self._with_reference_inputs = with_reference_inputs
+        self._set_features(
+            bool(with_noised_view), bool(with_pair_labels), bool(with_reference_inputs)
+        )
 
-    def _set_features(self, noised_view: bool, pair_labels: bool) -> None:
+    def _set_features(self, noised_view: bool, pair_labels: bool, reference: bool) -> None:
         task_features = dict(seqio.EncDecFeatureConverter.TASK_FEATURES)
         model_features = dict(seqio.EncDecFeatureConverter.MODEL_FEATURES)
         task_names, model_names = [], []
@@ -60,33 +89,45 @@ class E2S2EncDecFeatureConverter(seqio.EncDecFeatureConverter):
         if pair_labels:
             task_names.append(PAIR_LABELS_TASK_FEATURE)
             model_names.append(PAIR_LABELS_MODEL_FEATURE)
+        if reference:
+            task_names.append(REFERENCE_TASK_FEATURE)
+            model_names.append(REFERENCE_MODEL_FEATURE)
+            if self.pack:
+                model_names.append(REFERENCE_SEGMENT_IDS)
         task_features.update({k: FeatureSpec(dtype=tf.int32) for k in task_names})
         model_features.update({k: FeatureSpec(dtype=tf.int32) for k in model_names})
         self.TASK_FEATURES = task_features
         self.MODEL_FEATURES = model_features
         self._noised_view_enabled = noised_view
         self._pair_labels_enabled = pair_labels
+        self._reference_enabled = reference
 
     def __call__(
         self, ds: tf.data.Dataset, task_feature_lengths: Mapping[str, int]
     ) -> tf.data.Dataset:
-        enabled = self._with_noised_view
-        if enabled is None:
-            enabled = "inputs_noised" in ds.element_spec
-        if enabled and "inputs_noised" not in ds.element_spec:
-            raise ValueError(
-                "with_noised_view=True but the dataset has no 'inputs_noised': use an E2S2 task "
-                "(e2s2_views preprocessor) or with_noised_view=False."
-            )
-        pairs = self._with_pair_labels
-        if pairs is None:
-            pairs = PAIR_LABELS_TASK_FEATURE in ds.element_spec
-        if pairs and PAIR_LABELS_TASK_FEATURE not in ds.element_spec:
-            raise ValueError(
-                "with_pair_labels=True but the dataset has no 'pair_labels': use a same-document "
-                "task (or a mixture with one) or with_pair_labels=False."
-            )
-        self._set_features(enabled, pairs)
+        present = ds.element_spec
+        enabled = _feature_switch(
+            self._with_noised_view,
+            "with_noised_view",
+            "inputs_noised",
+            present,
+            "an E2S2 task (e2s2_views)",
+        )
+        pairs = _feature_switch(
+            self._with_pair_labels,
+            "with_pair_labels",
+            PAIR_LABELS_TASK_FEATURE,
+            present,
+            "a same-document task (or a mixture with one)",
+        )
+        reference = _feature_switch(
+            self._with_reference_inputs,
+            "with_reference_inputs",
+            REFERENCE_TASK_FEATURE,
+            present,
+            "the self-evolution task (self_evolution_task)",
+        )
+        self._set_features(enabled, pairs, reference)
         return super().__call__(ds, self._complete_lengths(task_feature_lengths))
 
     def _complete_lengths(self, task_feature_lengths: Mapping[str, int]) -> dict[str, int]:
@@ -105,13 +146,18 @@ class E2S2EncDecFeatureConverter(seqio.EncDecFeatureConverter):
                         f"task_feature_lengths[{key!r}]={lengths[key]} must equal "
                         f"task_feature_lengths['inputs']={lengths['inputs']}: the views align."
                     )
+        if self._reference_enabled:
+            lengths.setdefault(REFERENCE_TASK_FEATURE, lengths["inputs"] + lengths["targets"])
+        else:
+            lengths.pop(REFERENCE_TASK_FEATURE, None)
         return lengths
 
     def _convert_features(
         self, ds: tf.data.Dataset, task_feature_lengths: Mapping[str, int]
     ) -> tf.data.Dataset:
         noised_view, pair_labels = self._noised_view_enabled, self._pair_labels_enabled
-        if not (noised_view or pair_labels):
+        reference = self._reference_enabled
+        if not (noised_view or pair_labels or reference):
             return super()._convert_features(ds, task_feature_lengths)
 
         # SeqIO's packing finds a sequence's length by counting non-zero entries, and label 0
@@ -147,6 +193,12 @@ class E2S2EncDecFeatureConverter(seqio.EncDecFeatureConverter):
                 model_features[PAIR_LABELS_MODEL_FEATURE] = tf.where(
                     packed > 0, packed - 1, NO_PAIR
                 )
+            if reference:
+                model_features[REFERENCE_MODEL_FEATURE] = features[REFERENCE_TASK_FEATURE]
+                if self.pack:
+                    model_features[REFERENCE_SEGMENT_IDS] = features[
+                        f"{REFERENCE_TASK_FEATURE}_segment_ids"
+                    ]
             return model_features
 
         return ds.map(convert, num_parallel_calls=tf.data.AUTOTUNE)
@@ -160,6 +212,14 @@ class E2S2EncDecFeatureConverter(seqio.EncDecFeatureConverter):
                 lengths[key] = task_feature_lengths["inputs"]
         if self._pair_labels_enabled or PAIR_LABELS_TASK_FEATURE in task_feature_lengths:
             lengths[PAIR_LABELS_MODEL_FEATURE] = task_feature_lengths["inputs"]
+        if self._reference_enabled or REFERENCE_TASK_FEATURE in task_feature_lengths:
+            length = task_feature_lengths.get(
+                REFERENCE_TASK_FEATURE,
+                task_feature_lengths["inputs"] + task_feature_lengths["targets"],
+            )
+            lengths[REFERENCE_MODEL_FEATURE] = length
+            if self.pack:
+                lengths[REFERENCE_SEGMENT_IDS] = length
         return lengths
 
 

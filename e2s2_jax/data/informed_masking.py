@@ -17,8 +17,10 @@ import seqio
 import tensorflow as tf
 
 from e2s2_jax.data import span_corruption
+from e2s2_jax.data.feature_converters import REFERENCE_TASK_FEATURE
 
 INFORMATIVENESS = "informativeness"
+REFERENCE_INPUTS = REFERENCE_TASK_FEATURE
 
 
 def informed_span_layout(
@@ -70,7 +72,9 @@ def informed_span_corruption(
 
     Reads int32 tokens from `feature_key` and a float feature of the same length from
     `informativeness_key`; emits `inputs` and `targets` as `span_corruption.span_corruption`
-    (sentinels from output_features['targets']'s extra ids, no eos). `num_candidates` T5 layouts
+    (sentinels from output_features['targets']'s extra ids, no eos), and the tokens before
+    corruption as `reference_inputs` (the input of rectified label smoothing's reference
+    prediction, `losses.rectified_cross_entropy_with_logits`). `num_candidates` T5 layouts
     are drawn per example, one kept with probability `softmax(mean standardised masked
     informativeness / temperature)`: 0.05 strongly prefers the best of 16 (a random layout's
     score has a standard deviation of about 1 / sqrt(noise tokens), 0.1 at 100 noise tokens).
@@ -112,7 +116,7 @@ def informed_span_corruption(
         inputs, targets = span_corruption.corrupt_with_layout(
             tokens, span_of_token, vocabulary.vocab_size
         )
-        return {"inputs": inputs, "targets": targets}
+        return {"inputs": inputs, "targets": targets, REFERENCE_INPUTS: tokens}
 
     return corrupt(dataset)
 

@@ -66,7 +66,8 @@ def self_evolution_task(
     shuffle_buffer_size: int | None = 1000,
 ) -> str:
     """Registers task `name` over `records_dir`'s scored records (its 'train' split):
-    informativeness-weighted span corruption, then eos; returns its name."""
+    informativeness-weighted span corruption, then eos; returns its name. Its examples also
+    carry `reference_inputs`, the text before corruption."""
     files = sorted(tf.io.gfile.glob(os.path.join(records_dir, RECORD_PATTERN)))
     if not files:
         raise ConfigError(
@@ -75,12 +76,17 @@ def self_evolution_task(
             "(gin/runs/score_tokens.gin) first, or point SCORES_DIR at its output."
         )
     noise = dict(noise_density=noise_density, mean_noise_span_length=mean_noise_span_length)
+    vocabulary = get_vocabulary(vocabulary_model)
     add_task(
         name,
         source=seqio.FunctionDataSource(
             functools.partial(records_dataset, files), splits=("train",)
         ),
-        output_features=pretraining_output_features(get_vocabulary(vocabulary_model)),
+        output_features={
+            **pretraining_output_features(vocabulary),
+            # The uncorrupted text, with its eos: rectified label smoothing's reference input.
+            informed_masking.REFERENCE_INPUTS: seqio.Feature(vocabulary=vocabulary, add_eos=True),
+        },
         preprocessors=[
             functools.partial(informed_masking.split_scored_pieces, **noise),
             functools.partial(
