@@ -19,6 +19,7 @@ import pytest
 import tensorflow as tf
 from test_main import _env
 
+from e2s2_jax import offline_jobs
 from e2s2_jax.data.corpus import BUNDLED_VALIDATION_FILES
 from e2s2_jax.data.text_source import read_text_documents
 from e2s2_jax.data.vocab import get_vocabulary
@@ -291,7 +292,7 @@ def test_process_shards_cover_every_example_once():
     examples = [(i, f"text {i}") for i in range(103)]
     seen = []
     for process_index in range(3):
-        chunks = list(job._chunks(iter(examples), process_index, 3, size=8))
+        chunks = list(offline_jobs.chunks(iter(examples), process_index, 3, size=8))
         assert [number for number, _ in chunks] == list(range(len(chunks)))
         assert all(len(chunk) == 8 for _, chunk in chunks[:-1])
         for _, chunk in chunks:
@@ -302,7 +303,7 @@ def test_process_shards_cover_every_example_once():
 
 def test_resume_with_other_settings_is_refused(tmp_path):
     settings = {"process_count": 1, "examples_per_chunk": 16, "seed": 0}
-    job._check_job_config(str(tmp_path), settings)
-    job._check_job_config(str(tmp_path), settings)  # the same settings resume
+    offline_jobs.check_job_config(str(tmp_path), settings)
+    offline_jobs.check_job_config(str(tmp_path), settings)  # the same settings resume
     with pytest.raises(ValueError, match="process_count"):
-        job._check_job_config(str(tmp_path), {**settings, "process_count": 2})
+        offline_jobs.check_job_config(str(tmp_path), {**settings, "process_count": 2})

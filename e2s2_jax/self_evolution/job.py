@@ -21,10 +21,11 @@ import jax
 import numpy as np
 import tensorflow as tf
 
+from e2s2_jax import offline_jobs
 from e2s2_jax.console import console
 from e2s2_jax.errors import ConfigError
 from e2s2_jax.self_evolution import scoring
-from e2s2_jax.ssr.job import _check_job_config, _chunks, _write_atomically, read_documents
+from e2s2_jax.ssr.job import read_documents
 from e2s2_jax.training import partitioning
 from e2s2_jax.training.checkpoints import restore_params
 from e2s2_jax.training.input_pipeline import lookup_vocabulary
@@ -113,7 +114,7 @@ def score_tokens(
     rules = partitioning.LOGICAL_AXIS_RULES
     mesh = partitioning.job_mesh("score_tokens", mesh_shape, batch_size)
     tf.io.gfile.makedirs(output_dir)
-    _check_job_config(
+    offline_jobs.check_job_config(
         output_dir,
         {
             "process_count": process_count,
@@ -136,7 +137,9 @@ def score_tokens(
     start_time = time.perf_counter()
     documents = read_documents(mixture_or_task_name, split, text_key, input_files)
     examples = iterate_token_examples(documents, vocabulary, max_tokens_per_example, max_examples)
-    for number, chunk in _chunks(examples, process_index, process_count, examples_per_chunk):
+    for number, chunk in offline_jobs.chunks(
+        examples, process_index, process_count, examples_per_chunk
+    ):
         path = os.path.join(output_dir, f"scores-{shard}-{number:06d}.jsonl")
         chunk_tokens = sum(len(tokens) for _, tokens in chunk)
         if tf.io.gfile.exists(path):  # committed before a kill: skip it
@@ -154,7 +157,7 @@ def score_tokens(
             vocab_size=vocabulary.vocab_size,
             eos_id=cfg.eos_id,
         )
-        _write_atomically(path, record_lines(example_ids, token_lists, scores))
+        offline_jobs.write_atomically(path, record_lines(example_ids, token_lists, scores))
         counts["examples"] += len(chunk)
         counts["tokens"] += chunk_tokens
         informativeness_sum += float(sum(np.sum(s, dtype=np.float64) for s in scores))
@@ -172,7 +175,7 @@ def score_tokens(
         "process_index": process_index,
         "process_count": process_count,
     }
-    _write_atomically(
+    offline_jobs.write_atomically(
         os.path.join(output_dir, f"summary-{shard}.json"), json.dumps(summary, indent=1).encode()
     )
     console.info(f"score-tokens [{shard}] done: " + json.dumps(summary))

@@ -16,7 +16,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 
 import flax.linen as nn
 import gin
@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import tensorflow as tf
 
+from e2s2_jax import offline_jobs
 from e2s2_jax.console import console
 from e2s2_jax.data.text_source import read_text_documents
 from e2s2_jax.decoding import DecodeConfig, make_predict_fn
@@ -176,13 +177,6 @@ def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
-def _write_atomically(path: str, data: bytes) -> None:
-    tmp_path = f"{path}.tmp-{os.getpid()}"
-    with tf.io.gfile.GFile(tmp_path, "wb") as f:
-        f.write(data)
-    tf.io.gfile.rename(tmp_path, path, overwrite=True)
-
-
 def _serialize_tfrecords(protos: Sequence[tf.train.Example]) -> bytes:
     """TFRecord framing of serialized examples (written in one piece, then renamed)."""
     tmp_path = os.path.join(
@@ -285,42 +279,6 @@ def generate_chunk(
     return records, stats
 
 
-def _chunks(
-    examples: Iterator[tuple[int, str]], process_index: int, process_count: int, size: int
-) -> Iterator[tuple[int, list[tuple[int, str]]]]:
-    """This process's examples (`id % process_count == process_index`), in numbered chunks."""
-    chunk, number = [], 0
-    for example_id, text in examples:
-        if example_id % process_count != process_index:
-            continue
-        chunk.append((example_id, text))
-        if len(chunk) == size:
-            yield number, chunk
-            chunk, number = [], number + 1
-    if chunk:
-        yield number, chunk
-
-
-def _check_job_config(
-    output_dir: str, job_config: Mapping, filename: str = "ssr_job.json", job: str = "an SSR job"
-) -> None:
-    """Writes OUTPUT_DIR/`filename`, or checks a resumed job uses the same settings (other
-    sharding, chunking or seeds would duplicate or skip examples)."""
-    path = os.path.join(output_dir, filename)
-    if tf.io.gfile.exists(path):
-        with tf.io.gfile.GFile(path) as f:
-            previous = json.load(f)
-        changed = {k: (previous.get(k), v) for k, v in job_config.items() if previous.get(k) != v}
-        if changed:
-            raise ConfigError(
-                f"{output_dir} holds output of {job} with other settings {changed} "
-                "(was, now): resume with the same settings and process count, or write to a "
-                "new output_dir."
-            )
-        return
-    _write_atomically(path, json.dumps(dict(job_config), indent=1).encode())
-
-
 @gin.configurable(module="e2s2_jax")
 def ssr_generate(
     *,
@@ -374,7 +332,7 @@ def ssr_generate(
     rules = partitioning.LOGICAL_AXIS_RULES
     mesh = partitioning.job_mesh("ssr_generate", mesh_shape, batch_size)
     tf.io.gfile.makedirs(os.path.join(output_dir, "progress"))
-    _check_job_config(
+    offline_jobs.check_job_config(
         output_dir,
         {
             "process_count": process_count,
@@ -406,7 +364,9 @@ def ssr_generate(
     start_time = time.perf_counter()
     documents = read_documents(mixture_or_task_name, split, text_key, input_files)
     examples = iterate_examples(documents, max_words_per_example, max_examples)
-    for number, chunk in _chunks(examples, process_index, process_count, examples_per_chunk):
+    for number, chunk in offline_jobs.chunks(
+        examples, process_index, process_count, examples_per_chunk
+    ):
         stats_path = os.path.join(output_dir, "progress", f"{shard}-{number:06d}.json")
         if tf.io.gfile.exists(stats_path):  # committed before a kill: skip it
             with tf.io.gfile.GFile(stats_path) as f:
@@ -425,8 +385,8 @@ def ssr_generate(
             eos_id=cfg.eos_id,
         )
         record_path = os.path.join(output_dir, f"ssr-{shard}-{number:06d}.tfrecord")
-        _write_atomically(record_path, _serialize_tfrecords(records))
-        _write_atomically(stats_path, json.dumps(dataclasses.asdict(stats)).encode())
+        offline_jobs.write_atomically(record_path, _serialize_tfrecords(records))
+        offline_jobs.write_atomically(stats_path, json.dumps(dataclasses.asdict(stats)).encode())
         totals.add(stats)
         done_examples += len(chunk)
         _log_progress(shard, number, totals, done_examples, shard_total, start_time)
@@ -442,7 +402,7 @@ def ssr_generate(
         "process_index": process_index,
         "process_count": process_count,
     }
-    _write_atomically(
+    offline_jobs.write_atomically(
         os.path.join(output_dir, f"summary-{shard}.json"), json.dumps(summary, indent=1).encode()
     )
     _merge_summaries(output_dir, process_count)
@@ -494,6 +454,6 @@ def _merge_summaries(output_dir: str, process_count: int) -> None:
         "drop_rate": dropped / max(1, merged.examples),
         "process_count": process_count,
     }
-    _write_atomically(
+    offline_jobs.write_atomically(
         os.path.join(output_dir, "summary.json"), json.dumps(result, indent=1).encode()
     )
