@@ -31,12 +31,25 @@ OBJECTIVES = {
     "e2s2": ["--gin_file=gin/objectives/e2s2.gin"],
     "surface_fusion": ["--gin_file=gin/models/surface_fusion.gin"],
 }
-DEVICES = {"v5e-256": 256, "v5p-128": 64, "v4-64": 64, "v4-8": 8, "v5e-16": 16}
+# Compile-only devices per slice (`aot.tpu_devices`): a v4 device is a TensorCore (v4-256: 256
+# devices, 128 chips), a v5p device a chip (v5p-128: 64).
+DEVICES = {"v5e-256": 256, "v5p-128": 64, "v4-256": 256, "v4-64": 64, "v4-8": 8, "v5e-16": 16}
+# The mesh a slice's cases use unless they say otherwise; a case on another mesh has it in its
+# name (`_mesh1x256x1`). v5p-128 has none: its mesh is chosen per model.
+DEFAULT_MESH = {
+    "v5e-256": (-1, 8, 1),
+    "v4-256": (-1, 8, 1),
+    "v4-64": (-1, 8, 1),
+    "v4-8": (-1, 8, 1),
+}
 
 
 def case(model, objective, topology, mesh, batch, remat="full", search=False):
+    default = DEFAULT_MESH.get(topology, tuple(mesh))
     return {
-        "name": f"{model}_{objective}_{topology}" + ("" if remat == "full" else f"_{remat}"),
+        "name": f"{model}_{objective}_{topology}"
+        + ("" if tuple(mesh) == default else "_mesh" + "x".join(str(size) for size in mesh))
+        + ("" if remat == "full" else f"_{remat}"),
         "model": model,
         "objective": objective,
         "topology": topology,
@@ -65,6 +78,19 @@ CASES = [
     case("base", "span_corruption", "v5e-256", (-1, 8, 1), 2048, remat="none"),
     case("base", "surface_fusion", "v5e-256", (-1, 8, 1), 2048, remat="none"),
     case("base", "span_corruption", "v4-8", (-1, 8, 1), 128, search=True),
+    # v4: a pod slice of TensorCores, 8 rows per core, remat full and none.
+    case("base", "span_corruption", "v4-64", (-1, 8, 1), 512),
+    case("base", "e2s2", "v4-64", (-1, 8, 1), 512),
+    case("base", "span_corruption", "v4-64", (-1, 8, 1), 512, remat="none"),
+    case("base", "e2s2", "v4-64", (-1, 8, 1), 512, remat="none"),
+    # Mesh: base E2S2 on v5e-256 with fsdp over every chip and with pure data parallelism,
+    # beside the 32x8 above.
+    case("base", "e2s2", "v5e-256", (1, 256, 1), 2048),
+    case("base", "e2s2", "v5e-256", (-1, 1, 1), 2048),
+    # Remat none for large: does it fit a 16 GiB v5e chip at 8 rows?
+    case("large", "span_corruption", "v5e-256", (-1, 8, 1), 2048, remat="none"),
+    case("large", "e2s2", "v5e-256", (-1, 8, 1), 2048, remat="none"),
+    case("base", "span_corruption", "v4-256", (-1, 8, 1), 2048),
 ]
 
 
