@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -94,7 +95,7 @@ CASES = [
 ]
 
 
-def command(spec: dict, backend: str, json_path: str) -> list[str]:
+def command(spec: dict, backend: str, json_path: str, dump_hlo: str | None = None) -> list[str]:
     topology = spec["topology"] if backend == "tpu" else f"cpu:{DEVICES[spec['topology']]}"
     return [
         sys.executable,
@@ -114,6 +115,7 @@ def command(spec: dict, backend: str, json_path: str) -> list[str]:
         f"--topology={topology}",
         f"--json={json_path}",
         *([] if spec["search"] else ["--no_search"]),
+        *([f"--dump_hlo={dump_hlo}/{spec['name']}.{backend}"] if dump_hlo else []),
         # The TPU budget for the CPU estimate's search: the same chip's HBM.
         *(["--hbm_gib=16" if "v5e" in spec["topology"] or "v4" in spec["topology"] else
            "--hbm_gib=95"] if backend == "cpu" else []),
@@ -160,6 +162,40 @@ def markdown_rows(out_dir: str) -> str:
     return "\n".join(lines)
 
 
+COLLECTIVE = re.compile(
+    r"^\s*(?:ROOT )?%\S+ = (.*?) "
+    r"(all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)(-start)?\("
+)
+BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f32": 4}
+
+
+def collectives(hlo: str) -> dict[str, dict]:
+    """The collectives in an optimized HLO text, per kind: how many ops, their result bytes per
+    device, and the largest op's result. Static: an op in the scanned layers' loop body counts
+    once, not once per layer."""
+    found = {}
+    for line in hlo.splitlines():
+        match = COLLECTIVE.search(line)
+        if not match:
+            continue
+        shapes = re.findall(r"(\w+)\[([\d,]*)\]", match.group(1))
+        if match.group(3) and match.group(2) in ("all-gather", "collective-permute"):
+            shapes = shapes[-1:]  # an async start's result is (operand, output)
+        sizes = []
+        for dtype, dims in shapes:
+            size = BYTES.get(dtype, 8)
+            for dim in filter(None, dims.split(",")):
+                size *= int(dim)
+            sizes.append((size, f"{dtype}[{dims}]"))
+        entry = found.setdefault(match.group(2), {"ops": 0, "bytes": 0, "largest": (0, "")})
+        entry["ops"] += 1
+        entry["bytes"] += sum(size for size, _ in sizes)
+        entry["largest"] = max(entry["largest"], *sizes)
+    return {
+        kind: {**entry, "largest": entry["largest"][1]} for kind, entry in sorted(found.items())
+    }
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--backend", choices=("tpu", "cpu"), default="tpu")
@@ -170,9 +206,22 @@ def main(argv=None) -> None:
         action="store_true",
         help="compile nothing: print RESULTS.md's table rows of the reports in --out_dir",
     )
+    parser.add_argument("--dump_hlo", help="keep each compiled case's optimized HLO under DIR")
+    parser.add_argument(
+        "--collectives",
+        metavar="DIR",
+        help="compile nothing: print the collectives of the HLO that --dump_hlo kept in DIR",
+    )
     args = parser.parse_args(argv)
     if args.markdown:
         print(markdown_rows(args.out_dir))
+        return
+    if args.collectives:
+        for name in sorted(os.listdir(args.collectives)):
+            path = os.path.join(args.collectives, name, "train_step.optimized.hlo.txt")
+            if os.path.exists(path) and (not args.case or name.rsplit(".", 1)[0] in args.case):
+                with open(path) as f:
+                    print(json.dumps({"case": name, "collectives": collectives(f.read())}))
         return
     cases = [c for c in CASES if not args.case or c["name"] in args.case]
     os.makedirs(args.out_dir, exist_ok=True)
@@ -185,7 +234,7 @@ def main(argv=None) -> None:
             print(f"[tpu_plan] {spec['name']} ({args.backend}) ...", file=sys.stderr, flush=True)
             start = time.perf_counter()
             result = subprocess.run(
-                command(spec, args.backend, path + ".partial"),
+                command(spec, args.backend, path + ".partial", args.dump_hlo),
                 cwd=REPO_ROOT,
                 env=env,
                 capture_output=True,
