@@ -136,14 +136,22 @@ def markdown_rows(out_dir: str) -> str:
                     reports[backend] = json.load(f)
         if "tpu" not in reports:
             continue
-        tpu = reports["tpu"]
+        tpu, cpu = reports["tpu"], reports.get("cpu")
+        if "refused" in tpu:  # libtpu would not compile it: its temporaries exceed the HBM
+            mesh = "x".join(str(size) for size in cpu["mesh"].values()) if cpu else "-"
+            lines.append(
+                f"| {spec['model']} | {spec['objective']} | {spec['topology']} | {mesh} | "
+                f"{spec['remat_policy']} | {spec['batch_size']} | - | {tpu['temp_required']} "
+                f"needed | - | **refused** / {tpu['hbm_available']} | no | - | "
+                f"{tpu['seconds']:.0f} | {gib(cpu['total_bytes']) if cpu else '-'} |"
+            )
+            continue
         largest = tpu.get("largest_batch")
         best = (
             f"{largest['global_batch']} ({largest['global_batch'] // tpu['devices']} per device)"
             if largest and largest["verified"]
             else "-"
         )
-        cpu = reports.get("cpu")
         estimate = (
             f"{gib(cpu['total_bytes'])} ({cpu['total_bytes'] / tpu['total_bytes']:.2f}x)"
             if cpu
@@ -165,6 +173,11 @@ def markdown_rows(out_dir: str) -> str:
 COLLECTIVE = re.compile(
     r"^\s*(?:ROOT )?%\S+ = (.*?) "
     r"(all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)(-start)?\("
+)
+# libtpu's refusal of a step whose temporaries do not fit the chip.
+REFUSED = re.compile(
+    r"RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+    r"temporaries \(([\d.]+\w?)\) exceeds available HBM \(([\d.]+\w?)\)"
 )
 BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f32": 4}
 
@@ -240,12 +253,30 @@ def main(argv=None) -> None:
                 capture_output=True,
                 text=True,
             )
-            if result.returncode != 0:
+            # An answer, not a failure: the step at the case's batch does not fit the chip (a
+            # search's refusal may be of a larger batch, so there it stays a failure).
+            tpu = args.backend == "tpu" and not spec["search"]
+            refused = REFUSED.search(result.stderr) if tpu else None
+            if refused:
+                with open(path, "w") as f:
+                    json.dump(
+                        {
+                            "refused": refused.group(0),
+                            "temp_required": refused.group(1),
+                            "hbm_available": refused.group(2),
+                            "fits": False,
+                            "seconds": round(time.perf_counter() - start, 1),
+                        },
+                        f,
+                        indent=1,
+                    )
+            elif result.returncode != 0:
                 print(
                     f"[tpu_plan] {spec['name']} failed:\n{result.stderr[-3000:]}", file=sys.stderr
                 )
                 continue
-            os.replace(path + ".partial", path)
+            else:
+                os.replace(path + ".partial", path)
             print(
                 f"[tpu_plan] {spec['name']}: {time.perf_counter() - start:.0f} s\n" + result.stdout,
                 file=sys.stderr,
