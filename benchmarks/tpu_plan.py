@@ -183,11 +183,26 @@ BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "
 
 
 def collectives(hlo: str) -> dict[str, dict]:
-    """The collectives in an optimized HLO text, per kind: how many ops, their result bytes per
-    device, and the largest op's result. Static: an op in the scanned layers' loop body counts
-    once, not once per layer."""
-    found = {}
+    """The collectives in an optimized HLO text, per kind: how many ops the text has, the bytes
+    of their results per device in one step (an op in a while loop's body, such as the scanned
+    layers', counted once per iteration: the trip count is the constant in the loop's
+    condition), and the largest op's result."""
+    ops, calls, constants, name = {}, {}, {}, None
     for line in hlo.splitlines():
+        header = re.match(r"(?:ENTRY )?%(\S+) \(", line)
+        if header:
+            name = "ENTRY" if line.startswith("ENTRY") else header.group(1)
+            ops[name], calls[name] = [], []
+            continue
+        if name is None:
+            continue
+        constant = re.search(r" constant\((\d+)\)", line)
+        if constant:
+            constants.setdefault(name, int(constant.group(1)))
+        loop = re.search(r"condition=%([^,\s]+), body=%([^,\s]+)", line)
+        if loop:
+            calls[name].append((loop.group(2), loop.group(1)))
+        calls[name] += [(callee, None) for callee in re.findall(r" calls=%([^,\s]+)", line)]
         match = COLLECTIVE.search(line)
         if not match:
             continue
@@ -200,10 +215,20 @@ def collectives(hlo: str) -> dict[str, dict]:
             for dim in filter(None, dims.split(",")):
                 size *= int(dim)
             sizes.append((size, f"{dtype}[{dims}]"))
-        entry = found.setdefault(match.group(2), {"ops": 0, "bytes": 0, "largest": (0, "")})
-        entry["ops"] += 1
-        entry["bytes"] += sum(size for size, _ in sizes)
-        entry["largest"] = max(entry["largest"], *sizes)
+        ops[name].append((match.group(2), sizes))
+
+    found = {}
+
+    def visit(computation: str, times: int) -> None:
+        for kind, sizes in ops.get(computation, []):
+            entry = found.setdefault(kind, {"ops": 0, "bytes": 0, "largest": (0, "")})
+            entry["ops"] += 1
+            entry["bytes"] += times * sum(size for size, _ in sizes)
+            entry["largest"] = max(entry["largest"], *sizes)
+        for callee, condition in calls.get(computation, []):
+            visit(callee, times * (constants.get(condition, 1) if condition else 1))
+
+    visit("ENTRY", 1)
     return {
         kind: {**entry, "largest": entry["largest"][1]} for kind, entry in sorted(found.items())
     }
