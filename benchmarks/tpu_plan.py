@@ -139,9 +139,10 @@ def markdown_rows(out_dir: str) -> str:
         tpu, cpu = reports["tpu"], reports.get("cpu")
         if "refused" in tpu:  # libtpu would not compile it: its temporaries exceed the HBM
             mesh = "x".join(str(size) for size in cpu["mesh"].values()) if cpu else "-"
+            rows = f" ({cpu['rows_per_device']:g})" if cpu else ""
             lines.append(
                 f"| {spec['model']} | {spec['objective']} | {spec['topology']} | {mesh} | "
-                f"{spec['remat_policy']} | {spec['batch_size']} | - | {tpu['temp_required']} "
+                f"{spec['remat_policy']} | {spec['batch_size']}{rows} | - | {tpu['temp_required']} "
                 f"needed | - | **refused** / {tpu['hbm_available']} | no | - | "
                 f"{tpu['seconds']:.0f} | {gib(cpu['total_bytes']) if cpu else '-'} |"
             )
