@@ -187,7 +187,9 @@ def collectives(hlo: str) -> dict[str, dict]:
     """The collectives in an optimized HLO text, per kind: how many ops the text has, the bytes
     of their results per device in one step (an op in a while loop's body, such as the scanned
     layers', counted once per iteration: the trip count is the constant in the loop's
-    condition), and the largest op's result."""
+    condition), and the largest op's result. Result bytes, not link traffic, and a rough sum:
+    libtpu's async collective fusions repeat an op in their start and continuation fusions, and
+    each copy counts."""
     ops, calls, constants, name = {}, {}, {}, None
     for line in hlo.splitlines():
         header = re.match(r"(?:ENTRY )?%(\S+) \(", line)
