@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -31,12 +32,25 @@ OBJECTIVES = {
     "e2s2": ["--gin_file=gin/objectives/e2s2.gin"],
     "surface_fusion": ["--gin_file=gin/models/surface_fusion.gin"],
 }
-DEVICES = {"v5e-256": 256, "v5p-128": 64, "v4-64": 64, "v4-8": 8, "v5e-16": 16}
+# Compile-only devices per slice (`aot.tpu_devices`): a v4 device is a TensorCore (v4-256: 256
+# devices, 128 chips), a v5p device a chip (v5p-128: 64).
+DEVICES = {"v5e-256": 256, "v5p-128": 64, "v4-256": 256, "v4-64": 64, "v4-8": 8, "v5e-16": 16}
+# The mesh a slice's cases use unless they say otherwise; a case on another mesh has it in its
+# name (`_mesh1x256x1`). v5p-128 has none: its mesh is chosen per model.
+DEFAULT_MESH = {
+    "v5e-256": (-1, 8, 1),
+    "v4-256": (-1, 8, 1),
+    "v4-64": (-1, 8, 1),
+    "v4-8": (-1, 8, 1),
+}
 
 
 def case(model, objective, topology, mesh, batch, remat="full", search=False):
+    default = DEFAULT_MESH.get(topology, tuple(mesh))
     return {
-        "name": f"{model}_{objective}_{topology}" + ("" if remat == "full" else f"_{remat}"),
+        "name": f"{model}_{objective}_{topology}"
+        + ("" if tuple(mesh) == default else "_mesh" + "x".join(str(size) for size in mesh))
+        + ("" if remat == "full" else f"_{remat}"),
         "model": model,
         "objective": objective,
         "topology": topology,
@@ -65,10 +79,23 @@ CASES = [
     case("base", "span_corruption", "v5e-256", (-1, 8, 1), 2048, remat="none"),
     case("base", "surface_fusion", "v5e-256", (-1, 8, 1), 2048, remat="none"),
     case("base", "span_corruption", "v4-8", (-1, 8, 1), 128, search=True),
+    # v4: a pod slice of TensorCores, 8 rows per core, remat full and none.
+    case("base", "span_corruption", "v4-64", (-1, 8, 1), 512),
+    case("base", "e2s2", "v4-64", (-1, 8, 1), 512),
+    case("base", "span_corruption", "v4-64", (-1, 8, 1), 512, remat="none"),
+    case("base", "e2s2", "v4-64", (-1, 8, 1), 512, remat="none"),
+    # Mesh: base E2S2 on v5e-256 with fsdp over every chip and with pure data parallelism,
+    # beside the 32x8 above.
+    case("base", "e2s2", "v5e-256", (1, 256, 1), 2048),
+    case("base", "e2s2", "v5e-256", (-1, 1, 1), 2048),
+    # Remat none for large: does it fit a 16 GiB v5e chip at 8 rows?
+    case("large", "span_corruption", "v5e-256", (-1, 8, 1), 2048, remat="none"),
+    case("large", "e2s2", "v5e-256", (-1, 8, 1), 2048, remat="none"),
+    case("base", "span_corruption", "v4-256", (-1, 8, 1), 2048),
 ]
 
 
-def command(spec: dict, backend: str, json_path: str) -> list[str]:
+def command(spec: dict, backend: str, json_path: str, dump_hlo: str | None = None) -> list[str]:
     topology = spec["topology"] if backend == "tpu" else f"cpu:{DEVICES[spec['topology']]}"
     return [
         sys.executable,
@@ -88,6 +115,7 @@ def command(spec: dict, backend: str, json_path: str) -> list[str]:
         f"--topology={topology}",
         f"--json={json_path}",
         *([] if spec["search"] else ["--no_search"]),
+        *([f"--dump_hlo={dump_hlo}/{spec['name']}.{backend}"] if dump_hlo else []),
         # The TPU budget for the CPU estimate's search: the same chip's HBM.
         *(["--hbm_gib=16" if "v5e" in spec["topology"] or "v4" in spec["topology"] else
            "--hbm_gib=95"] if backend == "cpu" else []),
@@ -108,14 +136,23 @@ def markdown_rows(out_dir: str) -> str:
                     reports[backend] = json.load(f)
         if "tpu" not in reports:
             continue
-        tpu = reports["tpu"]
+        tpu, cpu = reports["tpu"], reports.get("cpu")
+        if "refused" in tpu:  # libtpu would not compile it: its temporaries exceed the HBM
+            mesh = "x".join(str(size) for size in cpu["mesh"].values()) if cpu else "-"
+            rows = f" ({cpu['rows_per_device']:g})" if cpu else ""
+            lines.append(
+                f"| {spec['model']} | {spec['objective']} | {spec['topology']} | {mesh} | "
+                f"{spec['remat_policy']} | {spec['batch_size']}{rows} | - | {tpu['temp_required']} "
+                f"needed | - | **refused** / {tpu['hbm_available']} | no | - | "
+                f"{tpu['seconds']:.0f} | {gib(cpu['total_bytes']) if cpu else '-'} |"
+            )
+            continue
         largest = tpu.get("largest_batch")
         best = (
             f"{largest['global_batch']} ({largest['global_batch'] // tpu['devices']} per device)"
             if largest and largest["verified"]
             else "-"
         )
-        cpu = reports.get("cpu")
         estimate = (
             f"{gib(cpu['total_bytes'])} ({cpu['total_bytes'] / tpu['total_bytes']:.2f}x)"
             if cpu
@@ -134,6 +171,72 @@ def markdown_rows(out_dir: str) -> str:
     return "\n".join(lines)
 
 
+COLLECTIVE = re.compile(
+    r"^\s*(?:ROOT )?%\S+ = (.*?) "
+    r"(all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)(-start)?\("
+)
+# libtpu's refusal of a step whose temporaries do not fit the chip.
+REFUSED = re.compile(
+    r"RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+    r"temporaries \(([\d.]+\w?)\) exceeds available HBM \(([\d.]+\w?)\)"
+)
+BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f32": 4}
+
+
+def collectives(hlo: str) -> dict[str, dict]:
+    """The collectives in an optimized HLO text, per kind: how many ops the text has, the bytes
+    of their results per device in one step (an op in a while loop's body, such as the scanned
+    layers', counted once per iteration: the trip count is the constant in the loop's
+    condition), and the largest op's result. Result bytes, not link traffic, and a rough sum:
+    libtpu's async collective fusions repeat an op in their start and continuation fusions, and
+    each copy counts."""
+    ops, calls, constants, name = {}, {}, {}, None
+    for line in hlo.splitlines():
+        header = re.match(r"(?:ENTRY )?%(\S+) \(", line)
+        if header:
+            name = "ENTRY" if line.startswith("ENTRY") else header.group(1)
+            ops[name], calls[name] = [], []
+            continue
+        if name is None:
+            continue
+        constant = re.search(r" constant\((\d+)\)", line)
+        if constant:
+            constants.setdefault(name, int(constant.group(1)))
+        loop = re.search(r"condition=%([^,\s]+), body=%([^,\s]+)", line)
+        if loop:
+            calls[name].append((loop.group(2), loop.group(1)))
+        calls[name] += [(callee, None) for callee in re.findall(r" calls=%([^,\s]+)", line)]
+        match = COLLECTIVE.search(line)
+        if not match:
+            continue
+        shapes = re.findall(r"(\w+)\[([\d,]*)\]", match.group(1))
+        if match.group(3) and match.group(2) in ("all-gather", "collective-permute"):
+            shapes = shapes[-1:]  # an async start's result is (operand, output)
+        sizes = []
+        for dtype, dims in shapes:
+            size = BYTES.get(dtype, 8)
+            for dim in filter(None, dims.split(",")):
+                size *= int(dim)
+            sizes.append((size, f"{dtype}[{dims}]"))
+        ops[name].append((match.group(2), sizes))
+
+    found = {}
+
+    def visit(computation: str, times: int) -> None:
+        for kind, sizes in ops.get(computation, []):
+            entry = found.setdefault(kind, {"ops": 0, "bytes": 0, "largest": (0, "")})
+            entry["ops"] += 1
+            entry["bytes"] += times * sum(size for size, _ in sizes)
+            entry["largest"] = max(entry["largest"], *sizes)
+        for callee, condition in calls.get(computation, []):
+            visit(callee, times * (constants.get(condition, 1) if condition else 1))
+
+    visit("ENTRY", 1)
+    return {
+        kind: {**entry, "largest": entry["largest"][1]} for kind, entry in sorted(found.items())
+    }
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--backend", choices=("tpu", "cpu"), default="tpu")
@@ -144,9 +247,22 @@ def main(argv=None) -> None:
         action="store_true",
         help="compile nothing: print RESULTS.md's table rows of the reports in --out_dir",
     )
+    parser.add_argument("--dump_hlo", help="keep each compiled case's optimized HLO under DIR")
+    parser.add_argument(
+        "--collectives",
+        metavar="DIR",
+        help="compile nothing: print the collectives of the HLO that --dump_hlo kept in DIR",
+    )
     args = parser.parse_args(argv)
     if args.markdown:
         print(markdown_rows(args.out_dir))
+        return
+    if args.collectives:
+        for name in sorted(os.listdir(args.collectives)):
+            path = os.path.join(args.collectives, name, "train_step.optimized.hlo.txt")
+            if os.path.exists(path) and (not args.case or name.rsplit(".", 1)[0] in args.case):
+                with open(path) as f:
+                    print(json.dumps({"case": name, "collectives": collectives(f.read())}))
         return
     cases = [c for c in CASES if not args.case or c["name"] in args.case]
     os.makedirs(args.out_dir, exist_ok=True)
@@ -159,18 +275,36 @@ def main(argv=None) -> None:
             print(f"[tpu_plan] {spec['name']} ({args.backend}) ...", file=sys.stderr, flush=True)
             start = time.perf_counter()
             result = subprocess.run(
-                command(spec, args.backend, path + ".partial"),
+                command(spec, args.backend, path + ".partial", args.dump_hlo),
                 cwd=REPO_ROOT,
                 env=env,
                 capture_output=True,
                 text=True,
             )
-            if result.returncode != 0:
+            # An answer, not a failure: the step at the case's batch does not fit the chip (a
+            # search's refusal may be of a larger batch, so there it stays a failure).
+            tpu = args.backend == "tpu" and not spec["search"]
+            refused = REFUSED.search(result.stderr) if tpu else None
+            if refused:
+                with open(path, "w") as f:
+                    json.dump(
+                        {
+                            "refused": refused.group(0),
+                            "temp_required": refused.group(1),
+                            "hbm_available": refused.group(2),
+                            "fits": False,
+                            "seconds": round(time.perf_counter() - start, 1),
+                        },
+                        f,
+                        indent=1,
+                    )
+            elif result.returncode != 0:
                 print(
                     f"[tpu_plan] {spec['name']} failed:\n{result.stderr[-3000:]}", file=sys.stderr
                 )
                 continue
-            os.replace(path + ".partial", path)
+            else:
+                os.replace(path + ".partial", path)
             print(
                 f"[tpu_plan] {spec['name']}: {time.perf_counter() - start:.0f} s\n" + result.stdout,
                 file=sys.stderr,
