@@ -178,6 +178,59 @@ def test_largest_fitting_against_a_known_line():
     assert found["units"] == 50 and found["verified"]
 
 
+def test_a_step_the_compiler_refuses_is_reported_as_not_fitting(tmp_path):
+    """libtpu refuses to compile a step whose temporaries exceed the chip (RESOURCE_EXHAUSTED):
+    that is the answer "does not fit", reported with what it needed, not a traceback. The tiny
+    step at 65,536 rows per v5e chip needs about 93 GiB of temporaries."""
+    report_path = tmp_path / "refused.json"
+    result = _compile(
+        tmp_path,
+        *RUN,
+        "--gin.BATCH_SIZE=262144",
+        "--topology=v5e:2x2",
+        "--no_search",
+        f"--json={report_path}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr + result.stdout
+    report = json.loads(report_path.read_text())
+    assert report["fits"] is False and "RESOURCE_EXHAUSTED" in report["refused"]
+    assert report["available_bytes"] < 16 * 2**30 < report["total_bytes"]
+    assert report["total_bytes"] == report["temp_required_bytes"]
+    assert "refused by the compiler" in result.stdout and "does not fit" in result.stdout
+
+
+def test_the_search_counts_a_refused_batch_as_not_fitting(monkeypatch):
+    """A refused probe counts as not fitting even where the bytes it needed are within the
+    budget (libtpu's limit, e.g. 15.75 G of a 16 GiB chip, is below the chip's HBM), and the
+    search halves its way down from it rather than following the line that overshot: here 5
+    bytes a row, 1000 bytes of budget (the line's answer, 200), every batch above 100 refused
+    at 900 bytes."""
+    compiler = object.__new__(aot.TrainStepCompiler)
+    compiler._cache, compiler.batch_granule, compiler.progress = {}, 4, None
+
+    def fake_compile(batch_size, keep=False):
+        refused = {"refused": "RESOURCE_EXHAUSTED", "total_bytes": 900}
+        compiler._cache[batch_size] = (
+            refused if batch_size > 100 else {"total_bytes": 5 * batch_size}
+        )
+
+    monkeypatch.setattr(compiler, "compile", fake_compile)
+    found = compiler.largest_batch(1000, 8)
+    assert len(compiler._cache) <= 10
+    assert found == {"global_batch": 100, "verified": True, "first_too_large": 104, "granule": 4}
+    message = (
+        "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+        "temporaries (16.42G) exceeds available HBM (15.75G)."
+    )
+    assert aot.refusal(RuntimeError(message)) == {
+        "refused": message[:-1],
+        "temp_required_bytes": int(16.42 * 2**30),
+        "available_bytes": int(15.75 * 2**30),
+    }
+    assert aot.refusal(RuntimeError("INTERNAL: something else")) is None
+
+
 def _gathers_of_all_pooled_views(hlo: str, rows: int, segments: int, d_model: int) -> list[str]:
     """The HLO's all-gathers over all 16 devices of a `[2 * rows * segments, d_model]` array:
     both views' pooled embeddings of the whole global batch (E2S2's contrastive negatives)."""

@@ -204,15 +204,44 @@ def memory_summary(compiled) -> dict[str, int]:
     return summary
 
 
+# libtpu's answer for a step whose temporaries exceed the chip: it refuses to compile it.
+_REFUSAL = re.compile(
+    r"RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+    r"temporaries \(([\d.]+)([KMGT]?)\) exceeds available HBM \(([\d.]+)([KMGT]?)\)"
+)
+_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def refusal(error: Exception) -> dict[str, Any] | None:
+    """`{"refused", "temp_required_bytes", "available_bytes"}` when `error` is the TPU
+    compiler's refusal of a step too large for the chip (`RESOURCE_EXHAUSTED` ... HBM), else
+    None. Its sizes are binary units ("15.75G" of a 16 GiB v5e chip)."""
+    match = _REFUSAL.search(str(error))
+    if match is None:
+        return None
+    required, required_unit, available, available_unit = match.groups()
+    return {
+        "refused": match.group(0),
+        "temp_required_bytes": int(float(required) * _UNITS[required_unit]),
+        "available_bytes": int(float(available) * _UNITS[available_unit]),
+    }
+
+
 def largest_fitting(
-    total_bytes: Callable[[int], int], budget_bytes: int, known: Mapping[int, int], max_compiles=12
+    total_bytes: Callable[[int], float],
+    budget_bytes: int,
+    known: Mapping[int, float],
+    max_compiles=12,
 ) -> dict[str, Any]:
-    """The largest batch (in units: `total_bytes(units)` is compiled memory) whose bytes fit
-    `budget_bytes`, searched from the `known` `{units: bytes}` (at least two points).
+    """The largest batch (in units: `total_bytes(units)` is compiled memory, `math.inf` for a
+    step the compiler refused) whose bytes fit `budget_bytes`, searched from the `known`
+    `{units: bytes}` (at least two points).
 
     Total bytes are close to linear in the batch: each guess is where the line through the two
-    compiled points nearest to the budget reaches it, kept between the largest batch known to
-    fit and the smallest known not to (and at most 4x the largest compiled so far); the search
+    compiled (not refused) points nearest to the budget reaches it, kept between the largest
+    batch known to fit and the smallest known not to (and at most 4x the largest compiled so
+    far); where the line points at or past a batch known not to fit (it was refused below the
+    line's reach), or there is no line yet, the guess halves that interval instead. The search
     stops when those are adjacent, so the answer fits when compiled and one unit more does not
     (`verified`; 0 units: none fits), or after `max_compiles` compiles.
     """
@@ -225,10 +254,16 @@ def largest_fitting(
             fails = units
     compiles = 0
     while (fails is None or fails > fits + 1) and compiles < max_compiles:
-        nearest = sorted(points.items(), key=lambda p: abs(p[1] - budget_bytes))[:2]
-        (u0, t0), (u1, t1) = sorted(nearest)
-        slope = (t1 - t0) / (u1 - u0)
-        guess = 2 * u1 if slope <= 0 else math.floor(u0 + (budget_bytes - t0) / slope)
+        compiled = {u: t for u, t in points.items() if math.isfinite(t)}
+        nearest = sorted(compiled.items(), key=lambda p: abs(p[1] - budget_bytes))[:2]
+        if len(nearest) == 2:
+            (u0, t0), (u1, t1) = sorted(nearest)
+            slope = (t1 - t0) / (u1 - u0)
+            guess = 2 * u1 if slope <= 0 else math.floor(u0 + (budget_bytes - t0) / slope)
+        else:
+            guess = 2 * max(points)
+        if fails is not None and guess >= fails:
+            guess = (fits + fails) // 2
         # A nearly flat line (the state dwarfs the activations) points far away: grow at most
         # fourfold per compile, so that no guess costs more than a few times a known compile.
         high = fails - 1 if fails is not None else max(4 * max(points), fits + 1)
@@ -315,18 +350,36 @@ class TrainStepCompiler:
 
     def compile(self, batch_size: int, *, keep: bool = False):
         """XLA's `Compiled` train step at `batch_size` rows (global). Records its memory
-        (`memory`); `keep=False` drops the executable afterwards."""
+        (`memory`); `keep=False` drops the executable afterwards. A step the compiler refuses
+        as too large for the chip (`refusal`) is recorded as such, with the temporaries it
+        needed as its `total_bytes`, and gives None."""
         start = time.perf_counter()
-        compiled = self.lower(batch_size).compile()
+        try:
+            compiled = self.lower(batch_size).compile()
+        except Exception as error:  # only the compiler's refusal is an answer: others raise
+            refused = refusal(error)
+            if refused is None:
+                raise
+            compiled, result = None, {**refused, "total_bytes": refused["temp_required_bytes"]}
+        else:
+            result = memory_summary(compiled)
         seconds = time.perf_counter() - start
-        result = {**memory_summary(compiled), "compile_seconds": round(seconds, 1)}
+        result["compile_seconds"] = round(seconds, 1)
         self._cache[batch_size] = result
         if self.progress:
+            outcome = "refused, needs" if "refused" in result else "compiled,"
             self.progress(
-                f"compiled global batch {batch_size} in {seconds:.0f} s: "
-                f"{format_bytes(result['total_bytes'])} per device"
+                f"global batch {batch_size} {outcome} {format_bytes(result['total_bytes'])} per "
+                f"device ({seconds:.0f} s)"
             )
         return compiled if keep else None
+
+    def judged_bytes(self, batch_size: int) -> float:
+        """The step's bytes at `batch_size`, `math.inf` for a refused step: it does not fit
+        whatever the budget (libtpu's own limit, e.g. 15.75 G of a v5e chip's 16 GiB, is
+        below the chip's HBM, and its figure is of temporaries only)."""
+        result = self.memory(batch_size)
+        return math.inf if "refused" in result else result["total_bytes"]
 
     def memory(self, batch_size: int) -> dict[str, Any]:
         """`memory_summary` of the step at `batch_size` plus `compile_seconds` (cached)."""
@@ -345,12 +398,12 @@ class TrainStepCompiler:
         for size in (units, 2 * units):
             self.memory(size * granule)
         known = {
-            batch // granule: result["total_bytes"]
-            for batch, result in self._cache.items()
+            batch // granule: self.judged_bytes(batch)
+            for batch in self._cache
             if batch % granule == 0
         }
         found = largest_fitting(
-            lambda units: self.memory(units * granule)["total_bytes"], budget_bytes, known
+            lambda units: self.judged_bytes(units * granule), budget_bytes, known
         )
         first_too_large = found["first_too_large"]
         return {
@@ -439,7 +492,7 @@ def compile_train(
     budget = int(hbm_gib * GiB) if hbm_gib is not None else hbm_bytes(devices[0])
     compiled = compiler.compile(batch_size, keep=True)
     memory = compiler.memory(batch_size)
-    if dump_hlo:
+    if dump_hlo and compiled is not None:
         os.makedirs(dump_hlo, exist_ok=True)
         path = os.path.join(dump_hlo, "train_step.optimized.hlo.txt")
         with open(path, "w") as f:
@@ -461,7 +514,7 @@ def compile_train(
         **memory,
     }
     if budget is not None:
-        report["fits"] = memory["total_bytes"] <= budget
+        report["fits"] = compiler.judged_bytes(batch_size) <= budget
         if search:
             report["largest_batch"] = compiler.largest_batch(budget, batch_size)
             report["compiled"] = compiler.compiled_batches()
@@ -480,12 +533,20 @@ def report_lines(report: Mapping[str, Any]) -> list[str]:
         f"{report['rows_per_device']:g} rows per data-parallel device, "
         f"{report['num_microbatches']} microbatch(es)); compiled in "
         f"{report['compile_seconds']:.0f} s",
-        f"per device: total {to_gib(report['total_bytes'])}; arguments "
-        f"{to_gib(report['argument_bytes'])}, output {to_gib(report['output_bytes'])} (of which "
-        f"{to_gib(report['alias_bytes'])} reuse donated arguments), temp "
-        f"{to_gib(report['temp_bytes'])}, compiler's peak {to_gib(report['peak_bytes'])}, "
-        f"generated code {to_gib(report['code_bytes'])}",
     ]
+    if "refused" in report:
+        lines.append(
+            f"refused by the compiler: its temporaries need {to_gib(report['total_bytes'])} per "
+            f"device, {to_gib(report['available_bytes'])} available ({report['refused']})"
+        )
+    else:
+        lines.append(
+            f"per device: total {to_gib(report['total_bytes'])}; arguments "
+            f"{to_gib(report['argument_bytes'])}, output {to_gib(report['output_bytes'])} (of "
+            f"which {to_gib(report['alias_bytes'])} reuse donated arguments), temp "
+            f"{to_gib(report['temp_bytes'])}, compiler's peak {to_gib(report['peak_bytes'])}, "
+            f"generated code {to_gib(report['code_bytes'])}"
+        )
     budget = report["hbm_bytes"]
     if budget is None:
         lines.append(f"HBM of a {report['device_kind']} device unknown: give --hbm_gib")
@@ -493,6 +554,8 @@ def report_lines(report: Mapping[str, Any]) -> list[str]:
         lines.append(
             f"fits in {to_gib(budget)} HBM ({to_gib(budget - report['total_bytes'])} free)"
         )
+    elif "refused" in report:
+        lines.append(f"does not fit in {to_gib(budget)} HBM")
     else:
         lines.append(
             f"does not fit in {to_gib(budget)} HBM by {to_gib(report['total_bytes'] - budget)}"
