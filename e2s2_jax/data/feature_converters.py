@@ -26,6 +26,14 @@ REFERENCE_MODEL_FEATURE = "reference_encoder_input_tokens"
 REFERENCE_SEGMENT_IDS = "reference_encoder_segment_ids"
 
 
+def reference_length(task_feature_lengths: Mapping[str, int]) -> int:
+    """The reference input's length: as given, else inputs + targets (enough for the source of
+    any span corruption of those lengths)."""
+    return task_feature_lengths.get(
+        REFERENCE_TASK_FEATURE, task_feature_lengths["inputs"] + task_feature_lengths["targets"]
+    )
+
+
 def _feature_switch(setting: bool | None, option: str, feature: str, present, task: str) -> bool:
     """Whether the converter carries the optional task `feature`: `setting` (its `option`), or
     None to follow the dataset (`present`: its features); True on a dataset without it stops
@@ -147,7 +155,7 @@ class E2S2EncDecFeatureConverter(seqio.EncDecFeatureConverter):
                         f"task_feature_lengths['inputs']={lengths['inputs']}: the views align."
                     )
         if self._reference_enabled:
-            lengths.setdefault(REFERENCE_TASK_FEATURE, lengths["inputs"] + lengths["targets"])
+            lengths[REFERENCE_TASK_FEATURE] = reference_length(lengths)
         else:
             lengths.pop(REFERENCE_TASK_FEATURE, None)
         return lengths
@@ -213,10 +221,7 @@ class E2S2EncDecFeatureConverter(seqio.EncDecFeatureConverter):
         if self._pair_labels_enabled or PAIR_LABELS_TASK_FEATURE in task_feature_lengths:
             lengths[PAIR_LABELS_MODEL_FEATURE] = task_feature_lengths["inputs"]
         if self._reference_enabled or REFERENCE_TASK_FEATURE in task_feature_lengths:
-            length = task_feature_lengths.get(
-                REFERENCE_TASK_FEATURE,
-                task_feature_lengths["inputs"] + task_feature_lengths["targets"],
-            )
+            length = reference_length(task_feature_lengths)
             lengths[REFERENCE_MODEL_FEATURE] = length
             if self.pack:
                 lengths[REFERENCE_SEGMENT_IDS] = length
