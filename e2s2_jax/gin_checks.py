@@ -32,7 +32,7 @@ INTEGER_SETTINGS = {
     "eval": (
         ("evaluate", "batch_size", 1),
         ("evaluate", "eval_batches", 1),
-        ("evaluate", "max_decode_examples", 0),
+        ("evaluate", "max_decode_examples", -1),  # -1: the whole split
     ),
     "infer": (("infer", "batch_size", 1), ("infer", "max_examples", 1)),
     "probe": (

@@ -83,7 +83,8 @@ def evaluate(
     max_decode_examples: int = 64,
     mesh_shape: Sequence[int] = (-1, 1, 1),
 ) -> dict[str, float]:
-    """The objective's metrics on `split` and the task's SeqIO metrics on decoded outputs.
+    """The objective's metrics on `split` and the task's SeqIO metrics on decoded outputs
+    (the first `max_decode_examples` of the split, in order; -1: the whole split, 0: none).
 
     Writes them to MODEL_DIR/eval (TensorBoard) and eval_metrics.jsonl at the checkpoint's
     step, prints them, and returns them.

@@ -276,6 +276,24 @@ def _without_gin_call_notes(error: Exception) -> str:
     return "\n".join(line for line in lines if not line.startswith("  In call to configurable"))
 
 
+def check_config(mode: str, bindings: Sequence[str]) -> None:
+    """The checks on the parsed Gin configuration before any work: a warning for macros bound
+    but read by no binding, a ConfigError for an integer setting of `mode` out of range."""
+    unused = gin_checks.check_macros(bindings)
+    if unused:
+        console.warning(f"warning: macros bound in the Gin files but used by no binding: {unused}")
+    gin_checks.check_integer_settings(
+        mode,
+        {
+            "train": train,
+            "evaluate": evaluate,
+            "infer": infer,
+            "probe": probe,
+            "score_tokens": score_tokens,
+        },
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs one job; returns the exit status (`e2s2_jax.errors`: 2 for bad input, 3 for a
     non-finite stop, 75 for a preempted run), with a one-line reason on stderr."""
@@ -290,21 +308,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             simulate_cpu_devices(args.topology)
         initialize_distributed(args)  # before anything touches a JAX backend
         parse_gin(args.mode, args.gin_file, bindings, args.gin_search_paths)
-        unused = gin_checks.check_macros(bindings)
-        if unused:
-            console.warning(
-                f"warning: macros bound in the Gin files but used by no binding: {unused}"
-            )
-        gin_checks.check_integer_settings(
-            args.mode,
-            {
-                "train": train,
-                "evaluate": evaluate,
-                "infer": infer,
-                "probe": probe,
-                "score_tokens": score_tokens,
-            },
-        )
+        check_config(args.mode, bindings)
         if args.mode == "compile":
             run_compile(args)
         else:

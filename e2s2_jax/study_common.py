@@ -34,6 +34,7 @@ def run_main(argv: list[str]):
     gin.clear_config()
     args, bindings = entry.parse_flags(argv)
     entry.parse_gin(args.mode, args.gin_file, bindings, args.gin_search_paths)
+    entry.check_config(args.mode, bindings)  # as the printed command would be checked
     return entry.JOBS[args.mode]()
 
 

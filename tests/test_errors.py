@@ -79,6 +79,14 @@ def test_bad_eval_and_infer_settings(tmp_path, capsys):
         ],  # fmt: skip
     )
     assert code == 2 and "(read by evaluate.batch_size) = 0: must be an integer" in stderr, stderr
+    # -1 decodes the whole split (the study's evaluations pass it; their printed commands must
+    # replay from a shell); below that is refused.
+    eval_argv = ["eval", *common, "--gin_file=gin/runs/eval.gin", lengths]
+    eval_argv.append('--gin.MIXTURE_OR_TASK_NAME="bundled_span_corruption"')
+    code, stderr = _main_in_process(capsys, [*eval_argv, "--gin.evaluate.max_decode_examples=-2"])
+    assert code == 2 and "max_decode_examples = -2: must be an integer >= -1" in stderr, stderr
+    code, stderr = _main_in_process(capsys, [*eval_argv, "--gin.evaluate.max_decode_examples=-1"])
+    assert code == 2 and "must be an integer" not in stderr and "checkpoint" in stderr, stderr
     code, stderr = _main_in_process(
         capsys,
         ["infer", *common, "--gin_file=gin/runs/infer.gin", lengths, "--gin.infer.max_examples=0"],

@@ -135,8 +135,8 @@ def load_eval_batches(
 def task_examples(
     mixture_or_task_name: str, split: str, lengths: Mapping[str, int], max_examples: int
 ) -> tuple[seqio.Task, list[dict]]:
-    """The task and the first `max_examples` of its preprocessed `split` examples, in order
-    (unbatched numpy dicts, before any feature converter)."""
+    """The task and the first `max_examples` (-1: all) of its preprocessed `split` examples, in
+    order (unbatched numpy dicts, before any feature converter)."""
     task = get_task(mixture_or_task_name)
     dataset = task.get_dataset(dict(lengths), split=split, shuffle=False, num_epochs=1)
     return task, list(numpy_batches(dataset.take(max_examples)))
