@@ -81,6 +81,11 @@ def test_sensitivity_gate_counts_tasks_ahead_outside_the_noise():
     )  # fmt: skip
     comparison = stage_report.paired_differences(runs, "span_corruption", "random_init")
     assert stage_report.sensitivity_verdict(comparison, tasks)["passed"]
+    # The same rule on the cross-entropy counts the tasks where pretraining is lower.
+    line = stage_report.cross_entropy_line(comparison, tasks)
+    assert line.endswith(
+        "lower by more than 2 standard errors on 1 of 5 tasks measured (wiki_summary)"
+    )
 
 
 def test_a_stage_refuses_to_resume_with_other_settings(tmp_path):
