@@ -155,6 +155,19 @@ def _truncate(path):
         f.truncate(os.path.getsize(path) // 2)
 
 
+def test_a_relative_directory_saves_and_restores(tmp_path, monkeypatch):
+    # MODEL_DIR="run" from a shell: Orbax refuses a relative path when it writes the arrays.
+    monkeypatch.chdir(tmp_path)
+    checkpointer = _saved("run/checkpoints", [1])
+    assert checkpointer.directory == tmp_path / "run" / "checkpoints"
+    assert verify_checksums(tmp_path / "run" / "checkpoints" / "1")
+    state, _, data_position = _restore(TrainCheckpointer("run/checkpoints"))
+    assert int(state.step) == 1 and data_position == {"batches": 1}
+    np.testing.assert_array_equal(
+        np.asarray(state.params["dense"]["bias"]), np.asarray(_state(1).params["dense"]["bias"])
+    )
+
+
 def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog):
     directory = tmp_path / "checkpoints"
     checkpointer = _saved(directory, [1, 2])

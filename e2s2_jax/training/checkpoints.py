@@ -90,7 +90,7 @@ class TrainCheckpointer:
     """
 
     def __init__(self, directory: str | epath.Path, *, keep: int | None = 3, async_save=True):
-        self.directory = epath.Path(directory)
+        self.directory = _absolute(directory)  # Orbax writes no relative path
         self.async_save = async_save
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
