@@ -35,7 +35,7 @@ class StageSize:
 SIZES = {
     # A few steps of everything, for the tests (the numbers mean nothing).
     "smoke": StageSize(
-        model_gin="gin/models/t5_1_1_tiny.gin",
+        model_gin="gin/models/t5_1_1_study_smoke.gin",
         generator_bindings=("T5Config.d_model=96", "T5Config.num_encoder_layers=3"),
         pretrain_steps=3,
         pretrain_batch=8,
