@@ -1,11 +1,11 @@
 #!/bin/bash
 # Pilot: in-domain span corruption (seed 0), then the stage's fine-tuning on kjv_to_web and wiki_topic.
 set -e
-cd /work/main
-export TF_CPP_MIN_LOG_LEVEL=2 PYTHONPATH=.:study/medium/pilots/in_domain
-PY=/work/main/.venv/bin/python
-R=/work/main/study/medium/pilots/in_domain/runs
-G="--gin_file=gin/tasks/study.gin --gin_file=study/medium/pilots/in_domain/pilot_in_domain.gin --gin_file=gin/models/t5_1_1_study_medium.gin"
+cd "$(dirname "$0")/../../.."
+export TF_CPP_MIN_LOG_LEVEL=2 PYTHONPATH=.:study/medium/pilots_in_domain
+PY=${PYTHON:-python}
+R=$PWD/study/medium/pilots/in_domain/runs  # not committed (study/*/pilots/ is ignored)
+G="--gin_file=gin/tasks/study.gin --gin_file=study/medium/pilots_in_domain/pilot_in_domain.gin --gin_file=gin/models/t5_1_1_study_medium.gin"
 [ -d $R/pretrain/seed0/checkpoints/2000 ] || $PY -m e2s2_jax.main train $G --gin_file=gin/runs/pretrain.gin --gin_file=gin/runs/adamw.gin \
   --gin.MODEL_DIR=\"$R/pretrain/seed0\" --gin.MIXTURE_OR_TASK_NAME=\"study_span_corruption_in_domain\" \
   "--gin.TASK_FEATURE_LENGTHS={'inputs': 128, 'targets': 32}" --gin.TRAIN_STEPS=2000 --gin.BATCH_SIZE=32 \
