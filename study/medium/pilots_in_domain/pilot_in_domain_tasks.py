@@ -3,7 +3,9 @@
 Every downstream train example gives two documents (its inputs, its targets). A line whose
 normalised text equals any downstream validation or test inputs/targets is left out.
 """
-import gzip, re
+
+import gzip
+import re
 from pathlib import Path
 
 from e2s2_jax.data.corpus import BUNDLED_TRAIN_FILES, BUNDLED_VALIDATION_FILES
@@ -34,7 +36,7 @@ if not TEXT.exists():
                 else:
                     lines.append(t.replace("\n", " "))
     TEXT.write_bytes(gzip.compress(("\n".join(lines) + "\n").encode(), mtime=0))
-    print(f"in-domain text: {len(lines)} lines kept, {dropped} dropped (in a validation/test split)")
+    print(f"in-domain text: {len(lines)} lines kept, {dropped} dropped (held-out text)")
 
 register_text_task(
     "study_span_corruption_in_domain",
