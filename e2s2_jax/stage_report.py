@@ -84,8 +84,7 @@ def verdict(entry: dict, direction: int = PAPER_DIRECTION) -> str:
 def sensitivity_verdict(comparison: dict, tasks: Sequence[str]) -> dict:
     """The gate: pretrained minus random initialisation is positive outside the noise on at
     least GATE_TASKS of the tasks."""
-    ahead = _ahead(comparison, tasks, sign=+1)
-    measured = [t for t in tasks if t in comparison["tasks"]]
+    ahead, measured = _ahead(comparison, tasks, sign=+1)
     passed = len(ahead) >= GATE_TASKS
     line = (
         f"{'passed' if passed else 'not passed'}: pretraining beats random initialisation by "
@@ -99,22 +98,20 @@ def cross_entropy_line(comparison: dict, tasks: Sequence[str]) -> str:
     """What the gate's rule gives on the teacher-forced test cross-entropy (lower is better):
     evidence of what the study can see when the decoded metrics cannot; the gate stays on the
     task metrics."""
-    ahead = _ahead(comparison, tasks, sign=-1)
-    measured = [t for t in tasks if t in comparison["tasks"]]
+    ahead, measured = _ahead(comparison, tasks, sign=-1)
     return (
         f"On the teacher-forced test cross-entropy, pretraining is lower by more than 2 standard "
         f"errors on {len(ahead)} of {len(measured)} tasks measured ({', '.join(ahead) or 'none'})"
     )
 
 
-def _ahead(comparison: dict, tasks: Sequence[str], sign: int) -> list[str]:
-    """The tasks whose paired difference is outside the noise with the sign `sign`."""
+def _ahead(comparison: dict, tasks: Sequence[str], sign: int) -> tuple[list[str], list[str]]:
+    """(the tasks whose paired difference is outside the noise with the sign `sign`, the tasks
+    measured)."""
+    measured = [t for t in tasks if t in comparison["tasks"]]
     entries = comparison["tasks"]
-    return [
-        t
-        for t in tasks
-        if t in entries and entries[t]["outside_noise"] and entries[t]["mean"] * sign > 0
-    ]
+    ahead = [t for t in measured if entries[t]["outside_noise"] and entries[t]["mean"] * sign > 0]
+    return ahead, measured
 
 
 # ----------------------------------------------------------------------------- Markdown

@@ -5,10 +5,10 @@ normalised text equals any downstream validation or test inputs/targets is left 
 """
 
 import gzip
-import re
 from pathlib import Path
 
 from e2s2_jax.data.corpus import BUNDLED_TRAIN_FILES, BUNDLED_VALIDATION_FILES
+from scripts.build_downstream import normalise  # the splits' own dedup normalisation
 from tasks.downstream import DOWNSTREAM_SPECS, dataset_files, read_tsv_examples
 from tasks.registration import register_text_task
 from tasks.study import STUDY_VOCABULARY
@@ -17,21 +17,17 @@ HERE = Path(__file__).resolve().parent
 TEXT = HERE / "downstream_train_text.txt.gz"
 
 
-def _norm(text):
-    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
-
-
 if not TEXT.exists():
     held = set()
     for dataset in DOWNSTREAM_SPECS:
         for split in ("validation", "test"):
             for a, b in read_tsv_examples(dataset_files(dataset)[split]):
-                held.update((_norm(a), _norm(b)))
+                held.update((normalise(a), normalise(b)))
     lines, dropped = [], 0
     for dataset in DOWNSTREAM_SPECS:
         for a, b in read_tsv_examples(dataset_files(dataset)["train"]):
             for t in (a, b):
-                if _norm(t) in held:
+                if normalise(t) in held:
                     dropped += 1
                 else:
                     lines.append(t.replace("\n", " "))
